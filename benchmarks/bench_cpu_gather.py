@@ -1,0 +1,138 @@
+"""CPU batch production: gpuload's CPU backends against nanoGPT's get_batch, side by side in one run.
+
+    python benchmarks/bench_cpu_gather.py                 # 100M-token file, B=32, T=1024
+    python benchmarks/bench_cpu_gather.py --quick         # smoke mode (seconds), used by the tests
+
+Providers run interleaved in rounds (each round times every provider on a block of batches), so drift
+on a noisy machine hits them alike; the table reports the median and p10-p90 over rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from gpuload import GPULoader, __version__, native
+
+
+def nanogpt_get_batch(path: str, batch_size: int, block_size: int):
+    """nanoGPT's train.py get_batch on the CPU: memmap re-created per batch, per-row slices, torch.stack."""
+    data = np.memmap(path, dtype=np.uint16, mode="r")
+    ix = torch.randint(len(data) - block_size, (batch_size,))
+    x = torch.stack([torch.from_numpy((data[i:i + block_size]).astype(np.int64)) for i in ix])
+    y = torch.stack([torch.from_numpy((data[i + 1:i + 1 + block_size]).astype(np.int64)) for i in ix])
+    return x, y
+
+
+def make_providers(path: str, batch_size: int, seq_len: int) -> dict:
+    providers = {"nanogpt": lambda: nanogpt_get_batch(path, batch_size, seq_len)}
+    backends = ["torch"] + (["native"] if native.available() else [])
+    for backend in backends:
+        ld = GPULoader(path, batch_size=batch_size, seq_len=seq_len, sampling="random", seed=0, rank=0,
+                       world_size=1, device="cpu", backend=backend)
+        providers[f"gpuload-{backend}"] = ld.__next__
+    return providers
+
+
+def time_providers(providers: dict, rounds: int, per_round: int) -> dict:
+    """Per-batch wall and process-CPU microseconds for each provider, one sample per round."""
+    for fn in providers.values():  # warm-up: page cache, allocator, lazy imports
+        for _ in range(per_round):
+            fn()
+    samples = {name: {"wall": [], "cpu": []} for name in providers}
+    for _ in range(rounds):
+        for name, fn in providers.items():
+            wall0, cpu0 = time.perf_counter(), time.process_time()
+            for _ in range(per_round):
+                x, y = fn()
+            wall1, cpu1 = time.perf_counter(), time.process_time()
+            assert int(x[0, 1]) == int(y[0, 0])  # touch the batch: nothing is timed on lazy work
+            samples[name]["wall"].append((wall1 - wall0) / per_round * 1e6)
+            samples[name]["cpu"].append((cpu1 - cpu0) / per_round * 1e6)
+    return samples
+
+
+def quantile(values, q):
+    return float(np.quantile(np.asarray(values), q))
+
+
+def machine_line() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return (f"CPU: {cpu} ({os.cpu_count()} cores), python {platform.python_version()}, torch {torch.__version__}, "
+            f"numpy {np.__version__}, gpuload {__version__} (native: {native.available()})")
+
+
+def write_token_file(path: str, num_tokens: int) -> None:
+    """A headerless uint16 .bin as nanoGPT's prepare.py writes it, filled with random tokens."""
+    rng = np.random.default_rng(0)
+    chunk = 1 << 24
+    with open(path, "wb") as f:
+        for start in range(0, num_tokens, chunk):
+            rng.integers(0, 50257, size=min(chunk, num_tokens - start), dtype=np.uint16).tofile(f)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=100_000_000, help="tokens in the benchmark file")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--per-round", type=int, default=20, help="batches timed per provider per round")
+    parser.add_argument("--data", help="existing uint16 .bin file to use instead of writing one")
+    parser.add_argument("--json", help="write every number to this JSON file")
+    parser.add_argument("--quick", action="store_true", help="smoke mode: 1M tokens, few rounds")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.tokens, args.rounds, args.per_round = 1_000_000, 3, 3
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = args.data or os.path.join(tmp, "train.bin")
+        if not args.data:
+            write_token_file(path, args.tokens)
+        num_tokens = os.path.getsize(path) // 2
+        providers = make_providers(path, args.batch_size, args.seq_len)
+        samples = time_providers(providers, args.rounds, args.per_round)
+
+    tokens_per_batch = args.batch_size * args.seq_len
+    base = statistics.median(samples["nanogpt"]["wall"])
+    rows = []
+    for name, s in samples.items():
+        median = statistics.median(s["wall"])
+        rows.append({
+            "provider": name, "device": "cpu", "batch_size": args.batch_size, "seq_len": args.seq_len,
+            "median_us": median, "p10_us": quantile(s["wall"], 0.1), "p90_us": quantile(s["wall"], 0.9),
+            "cpu_us": statistics.median(s["cpu"]), "tokens_per_s": tokens_per_batch / median * 1e6,
+            "speedup_vs_nanogpt": base / median,
+        })
+    machine = machine_line()
+    print(f"{num_tokens:,} tokens, B={args.batch_size}, T={args.seq_len}, {args.rounds} rounds x {args.per_round} batches")
+    print(f"{'provider':<16} {'median us':>10} {'p10-p90 us':>16} {'cpu us':>9} {'Mtok/s':>8} {'vs nanogpt':>11}")
+    for r in rows:
+        print(f"{r['provider']:<16} {r['median_us']:>10.1f} {r['p10_us']:>7.1f}-{r['p90_us']:<8.1f} {r['cpu_us']:>9.1f} "
+              f"{r['tokens_per_s'] / 1e6:>8.1f} {r['speedup_vs_nanogpt']:>10.1f}x")
+    print(machine)
+    result = {"benchmark": "cpu_gather", "command": " ".join([os.path.basename(sys.argv[0])] + (argv or sys.argv[1:])),
+              "num_tokens": num_tokens, "rounds": args.rounds, "per_round": args.per_round,
+              "machine": machine, "rows": rows}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+#include "gather.h"
+
+#include <algorithm>
+#include <thread>
+
+namespace gpuload {
+namespace {
+
+// Below this many tokens per batch, thread start-up (~20 us each) costs more than it saves.
+constexpr int64_t kTokensPerThread = int64_t{1} << 19;
+
+template <typename Src, typename X>
+void copy_row(const ShardTable& shards, int64_t start, int64_t seq_len, X* x, int64_t* y) {
+  // Shard holding `start`: the last one whose first token is <= start.
+  size_t s = std::upper_bound(shards.start.begin(), shards.start.end(), start) - shards.start.begin() - 1;
+  int64_t k = 0;  // position inside the window [0, T]
+  while (k <= seq_len) {
+    const int64_t local = start + k - shards.start[s];
+    const int64_t n = std::min(seq_len + 1 - k, shards.start[s + 1] - shards.start[s] - local);
+    const Src* src = static_cast<const Src*>(shards.base[s]) + local;
+    // Token k of the window goes to x[k] (k < T) and y[k-1] (k >= 1).
+    const int64_t x_end = std::min(n, seq_len - k);
+    for (int64_t i = 0; i < x_end; ++i) x[k + i] = static_cast<X>(src[i]);
+    for (int64_t i = (k == 0 ? 1 : 0); i < n; ++i) y[k + i - 1] = static_cast<int64_t>(src[i]);
+    k += n;
+    ++s;
+  }
+}
+
+template <typename Src, typename X>
+void gather_rows(const ShardTable& shards, const int64_t* starts, int64_t first, int64_t last,
+                 int64_t seq_len, X* x, int64_t* y) {
+  for (int64_t b = first; b < last; ++b) copy_row<Src, X>(shards, starts[b], seq_len, x + b * seq_len, y + b * seq_len);
+}
+
+template <typename Src, typename X>
+void gather_typed(const ShardTable& shards, const int64_t* starts, int64_t batch, int64_t seq_len,
+                  X* x, int64_t* y, int threads) {
+  const int64_t by_size = std::max<int64_t>(1, batch * seq_len / kTokensPerThread);
+  const int64_t n_threads = std::min<int64_t>({std::max(threads, 1), by_size, batch});
+  if (n_threads <= 1) return gather_rows<Src, X>(shards, starts, 0, batch, seq_len, x, y);
+  std::vector<std::thread> pool;
+  const int64_t per = (batch + n_threads - 1) / n_threads;
+  for (int64_t first = 0; first < batch; first += per)
+    pool.emplace_back(gather_rows<Src, X>, std::cref(shards), starts, first, std::min(batch, first + per), seq_len, x, y);
+  for (auto& t : pool) t.join();
+}
+
+}  // namespace
+
+void gather_windows(const ShardTable& shards, const int64_t* starts, int64_t batch, int64_t seq_len,
+                    void* x, bool x_int32, int64_t* y, int threads) {
+  if (shards.token_bytes == 2) {
+    if (x_int32) return gather_typed<uint16_t, int32_t>(shards, starts, batch, seq_len, static_cast<int32_t*>(x), y, threads);
+    return gather_typed<uint16_t, int64_t>(shards, starts, batch, seq_len, static_cast<int64_t*>(x), y, threads);
+  }
+  if (x_int32) return gather_typed<uint32_t, int32_t>(shards, starts, batch, seq_len, static_cast<int32_t*>(x), y, threads);
+  return gather_typed<uint32_t, int64_t>(shards, starts, batch, seq_len, static_cast<int64_t*>(x), y, threads);
+}
+
+void window_starts(Sampling mode, uint64_t seed, uint64_t step, int64_t row0, int64_t count,
+                   int64_t global_batch, int64_t num_tokens, int64_t seq_len, int64_t* starts) {
+  for (int64_t b = 0; b < count; ++b)
+    starts[b] = static_cast<int64_t>(window_start(mode, seed, step, static_cast<uint64_t>(row0 + b),
+                                                  global_batch, num_tokens, seq_len));
+}
+
+}  // namespace gpuload

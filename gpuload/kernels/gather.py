@@ -1,0 +1,31 @@
+"""Window gather: T+1 tokens per row from the token stream into x (B, T) and y (B, T).
+
+`gather_reference` is the plain-torch reference every other gather (native C++, Triton) is held
+to with `torch.equal`. It handles windows that cross shard boundaries, however small the shards.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+
+def gather_reference(shards: Sequence[torch.Tensor], shard_starts: torch.Tensor, starts: torch.Tensor,
+                     seq_len: int, input_dtype: torch.dtype = torch.int64) -> tuple[torch.Tensor, torch.Tensor]:
+    """x[b] = stream[o : o+T], y[b] = stream[o+1 : o+T+1] for o = starts[b].
+
+    `shards` are 1-D token tensors (uint16/uint32) whose concatenation is the stream, and
+    `shard_starts[i]` is the stream position of shard i's first token (int64, len(shards) + 1 values,
+    the last one the stream length).
+    """
+    positions = starts.to(torch.int64)[:, None] + torch.arange(seq_len + 1, device=starts.device)
+    if len(shards) == 1:
+        tokens = shards[0][positions].to(torch.int64)
+    else:
+        shard_of = torch.searchsorted(shard_starts, positions, right=True) - 1
+        tokens = torch.empty_like(positions)
+        for s in torch.unique(shard_of).tolist():
+            inside = shard_of == s
+            tokens[inside] = shards[s][positions[inside] - shard_starts[s]].to(torch.int64)
+    return tokens[:, :-1].to(input_dtype).contiguous(), tokens[:, 1:].contiguous()

@@ -1,0 +1,196 @@
+"""GPULoader: the iterator a training loop holds; batches, DDP ranks, and exact resume."""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import numpy as np
+import torch
+
+from gpuload import native
+from gpuload.kernels.gather import gather_reference
+from gpuload.sampling import MASK64, SAMPLING_MODES, window_starts
+from gpuload.shards import TokenStream
+
+BACKENDS = ("auto", "torch", "native")
+STATE_FORMAT = "gpuload.loader/1"
+_NATIVE_MODE = {"random": 0, "shuffle": 1, "sequential": 2}  # csrc/sampling.h Sampling
+
+
+def _env_int(name: str) -> Optional[int]:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def default_rank_world() -> tuple[int, int]:
+    """(rank, world_size) from torch.distributed when initialized, else torchrun's RANK/WORLD_SIZE, else (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    rank, world = _env_int("RANK"), _env_int("WORLD_SIZE")
+    if rank is not None and world is not None:
+        return rank, world
+    return 0, 1
+
+
+def default_device() -> torch.device:
+    """cuda:{LOCAL_RANK} when CUDA is available, else cpu."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", _env_int("LOCAL_RANK") or 0)
+    return torch.device("cpu")
+
+
+class GPULoader:
+    """Infinite iterator of (x, y) token batches of shape (batch_size, seq_len) for one DDP rank.
+
+    Global row g = rank * batch_size + b of step s reads the window chosen by `sampling` from
+    (seed, s, g) and the global batch G = world_size * batch_size (see gpuload/sampling.py), so the
+    stream of global batches is the same for any world_size with the same G.
+    """
+
+    def __init__(self, files, batch_size: int, seq_len: int, sampling: str = "random", seed: int = 0,
+                 rank: Optional[int] = None, world_size: Optional[int] = None, device=None,
+                 input_dtype: torch.dtype = torch.int64, backend: str = "auto", token_dtype=np.uint16):
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        if not isinstance(seq_len, int) or seq_len < 1:
+            raise ValueError(f"seq_len must be an integer >= 1, got {seq_len!r}")
+        if sampling not in SAMPLING_MODES:
+            raise ValueError(f"sampling must be one of {SAMPLING_MODES}, got {sampling!r}")
+        if input_dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"input_dtype must be torch.int64 or torch.int32, got {input_dtype}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if not isinstance(seed, int):
+            raise ValueError(f"seed must be an integer, got {seed!r}")
+        default_rank, default_world = default_rank_world()
+        rank = default_rank if rank is None else rank
+        world_size = default_world if world_size is None else world_size
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+
+        self.batch_size, self.seq_len, self.sampling, self.seed = batch_size, seq_len, sampling, seed
+        self.rank, self.world_size = rank, world_size
+        self.global_batch = world_size * batch_size
+        self.input_dtype = input_dtype
+        self.device = torch.device(device) if device is not None else default_device()
+        self.step = 0
+
+        self.stream = TokenStream(files, token_dtype=token_dtype)
+        if self.stream.num_tokens < seq_len + 1:
+            raise ValueError(
+                f"the shards hold {self.stream.num_tokens} tokens in all ({', '.join(self.stream.paths[:4])}"
+                f"{', ...' if len(self.stream.paths) > 4 else ''}); a window needs seq_len + 1 = {seq_len + 1}. "
+                f"Use a smaller seq_len or more data.")
+        self.num_tokens = self.stream.num_tokens
+        self.fingerprint = self.stream.fingerprint()
+        self.backend = self._choose_backend(backend)
+        self._rows = torch.arange(rank * batch_size, (rank + 1) * batch_size, dtype=torch.int64)
+        if self.backend == "native":
+            self._table = native.module().ShardTable(
+                [a.ctypes.data for a in self.stream.arrays], self.stream.starts.tolist(), self.stream.dtype.itemsize)
+            self._starts = np.empty(batch_size, dtype=np.int64)
+            self._threads = min(8, os.cpu_count() or 1)
+        else:
+            self._shard_tensors = [_as_tensor(a) for a in self.stream.arrays]
+            self._shard_starts = torch.from_numpy(self.stream.starts)
+
+    def _choose_backend(self, backend: str) -> str:
+        if backend == "auto":
+            return "native" if native.module() is not None else "torch"
+        if backend == "native" and not native.available():
+            why = "disabled by GPULOAD_NO_NATIVE=1" if native.disabled() else "not built"
+            raise RuntimeError(f"backend='native' requested but the native extension is {why}; "
+                               f"use backend='torch' or reinstall gpuload with a C++ compiler present")
+        return backend
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.stream is None:
+            raise RuntimeError("the loader is closed; create a new GPULoader (and load_state_dict) to go on")
+        x, y = self._produce(self.step)
+        self.step += 1
+        return x, y
+
+    def window_starts(self, step: int) -> torch.Tensor:
+        """Window start of each of this rank's rows at `step` (int64, on the CPU)."""
+        return window_starts(self.sampling, self.seed, step, self._rows, self.global_batch, self.num_tokens, self.seq_len)
+
+    def _produce(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        B, T = self.batch_size, self.seq_len
+        if self.backend == "native":
+            # Pinned host memory lets the device copy below run asynchronously.
+            pin = self.device.type == "cuda"
+            x = torch.empty((B, T), dtype=self.input_dtype, pin_memory=pin)
+            y = torch.empty((B, T), dtype=torch.int64, pin_memory=pin)
+            self._table.sample_and_gather(
+                _NATIVE_MODE[self.sampling], self.seed & MASK64, step, self.rank * B, B, self.global_batch, T,
+                self._starts.ctypes.data, x.data_ptr(), self.input_dtype == torch.int32, y.data_ptr(), self._threads)
+        else:
+            x, y = gather_reference(self._shard_tensors, self._shard_starts, self.window_starts(step), T, self.input_dtype)
+        if self.device.type != "cpu":
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        return x, y
+
+    def state_dict(self) -> dict:
+        """Everything needed to continue the same batch stream; plain data (JSON-serializable)."""
+        return {
+            "format": STATE_FORMAT, "step": self.step, "seed": self.seed, "sampling": self.sampling,
+            "seq_len": self.seq_len, "global_batch": self.global_batch,
+            "num_tokens": self.num_tokens, "dataset": self.fingerprint,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from `state`; refuses a state of another dataset, seq_len, global batch or sampling mode."""
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            raise ValueError(f"not a gpuload loader state (expected format {STATE_FORMAT!r}): {state!r:.200}")
+        checks = [
+            ("dataset", state["dataset"], self.fingerprint,
+             f"the state was saved on another dataset ({state['num_tokens']} tokens) than this one "
+             f"({self.num_tokens} tokens); pass the same shards in the same order"),
+            ("seq_len", state["seq_len"], self.seq_len, "construct the loader with the saved seq_len"),
+            ("global_batch", state["global_batch"], self.global_batch,
+             "world_size * batch_size must equal the saved global batch (elastic resume keeps it)"),
+            ("sampling", state["sampling"], self.sampling, "construct the loader with the saved sampling mode"),
+        ]
+        for name, saved, current, advice in checks:
+            if saved != current:
+                raise ValueError(f"cannot load loader state: {name} differs (saved {saved!r}, this loader "
+                                 f"{current!r}): {advice}")
+        self.seed = int(state["seed"])
+        self.step = int(state["step"])
+
+    def close(self) -> None:
+        """Release the memory maps (the loader cannot produce batches afterwards)."""
+        self.stream = None  # first: __next__ checks it before touching the tables below
+        self._table = None
+        self._shard_tensors = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"GPULoader(B={self.batch_size}, T={self.seq_len}, sampling={self.sampling!r}, seed={self.seed}, "
+                f"rank={self.rank}/{self.world_size}, tokens={self.num_tokens}, backend={self.backend!r}, "
+                f"device={self.device})")
+
+
+def _as_tensor(array: np.ndarray) -> torch.Tensor:
+    """A torch view of a read-only memmap (torch warns about non-writable arrays; the view is never written)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(array)

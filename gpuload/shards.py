@@ -1,0 +1,241 @@
+"""Token shards on disk: find, validate and memory-map them as one virtual token stream."""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence, Union
+
+import numpy as np
+
+# llm.c / modded-nanogpt shard header: 256 int32, then the tokens.
+HEADER_INTS = 256
+HEADER_BYTES = HEADER_INTS * 4
+LLMC_FORMATS = {  # magic -> (version, token dtype)
+    20240520: (1, np.dtype(np.uint16)),
+    20240801: (7, np.dtype(np.uint32)),
+}
+LLMC_MAGIC_FOR_DTYPE = {np.dtype(np.uint16): 20240520, np.dtype(np.uint32): 20240801}
+SHARD_SUFFIXES = (".bin", ".npy")
+NPY_DTYPES = (np.dtype(np.uint16), np.dtype(np.uint32), np.dtype(np.int32))
+
+PathLike = Union[str, os.PathLike]
+HINT = "---> HINT: is this a token shard (llm.c .bin, nanoGPT raw .bin or 1-D .npy)?"
+
+
+class ShardError(ValueError):
+    """A shard that cannot be read as tokens; the message names the file and what to do."""
+
+
+def natural_key(path: str):
+    """Sort key that orders `shard_2` before `shard_10`."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(path))]
+
+
+def _is_pattern(text: str) -> bool:
+    return any(ch in text for ch in "*?[")
+
+
+def resolve_paths(files: Union[PathLike, Iterable[PathLike]]) -> list[str]:
+    """Expand a path, a glob, a directory, or a list of these into an ordered list of shard files."""
+    items = [files] if isinstance(files, (str, os.PathLike)) else list(files)
+    if not items:
+        raise FileNotFoundError("no shard files given: pass a path, a glob, a directory or a list of paths")
+    paths: list[str] = []
+    for item in items:
+        text = os.fspath(item)
+        if _is_pattern(text):
+            matches = sorted((p for p in glob.glob(text) if os.path.isfile(p)), key=natural_key)
+            if not matches:
+                raise FileNotFoundError(f"no files match the pattern {text!r}")
+            paths.extend(matches)
+        elif os.path.isdir(text):
+            matches = sorted(
+                (os.path.join(text, name) for name in os.listdir(text)
+                 if name.endswith(SHARD_SUFFIXES) and os.path.isfile(os.path.join(text, name))),
+                key=natural_key,
+            )
+            if not matches:
+                raise FileNotFoundError(
+                    f"directory {text!r} holds no shard files (expected names ending in .bin or .npy)")
+            paths.extend(matches)
+        elif os.path.isfile(text):
+            paths.append(text)
+        else:
+            raise FileNotFoundError(f"no such shard file or directory: {text!r}")
+    return paths
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One validated shard: where its tokens start in the file and how many there are."""
+
+    path: str
+    format: str  # "llmc" | "raw" | "npy"
+    dtype: np.dtype
+    offset: int  # byte offset of the first token
+    num_tokens: int
+
+    def memmap(self) -> np.ndarray:
+        return np.memmap(self.path, dtype=self.dtype, mode="r", offset=self.offset, shape=(self.num_tokens,))
+
+
+def _read_llmc_header(path: str, head: bytes, size: int) -> Shard | None:
+    """Return the shard if `head` starts with an llm.c header, None if it is no llm.c file at all."""
+    if len(head) < 4:
+        return None
+    magic = int(np.frombuffer(head[:4], dtype="<i4")[0])
+    if magic not in LLMC_FORMATS:
+        return None
+    if size < HEADER_BYTES:
+        raise ShardError(
+            f"{path}: llm.c shard (magic {magic}) is truncated: expected a {HEADER_BYTES}-byte header, "
+            f"found only {size} bytes. Re-create the shard.")
+    header = np.frombuffer(head[:HEADER_BYTES], dtype="<i4")
+    version, dtype = LLMC_FORMATS[magic]
+    if int(header[1]) != version:
+        raise ShardError(
+            f"{path}: llm.c shard with magic {magic} must be version {version}, found version "
+            f"{int(header[1])}. {HINT}")
+    count = int(header[2])
+    available = (size - HEADER_BYTES) // dtype.itemsize
+    if count <= 0:
+        raise ShardError(f"{path}: llm.c header says {count} tokens; expected at least 1. Re-create the shard.")
+    if count > available:
+        raise ShardError(
+            f"{path}: truncated llm.c shard: header says {count} tokens, the file holds only {available} "
+            f"({size} bytes). Re-download or re-create this shard.")
+    if size != HEADER_BYTES + count * dtype.itemsize:
+        raise ShardError(
+            f"{path}: llm.c header says {count} tokens ({HEADER_BYTES + count * dtype.itemsize} bytes in all), "
+            f"but the file has {size} bytes. The shard is corrupt or was written by another tool: re-create it.")
+    return Shard(path, "llmc", dtype, HEADER_BYTES, count)
+
+
+def open_shard(path: str, token_dtype=np.uint16) -> Shard:
+    """Validate one shard file and describe where its tokens are. `token_dtype` applies to raw .bin only."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(HEADER_BYTES)
+    except OSError as e:
+        raise ShardError(f"{path}: cannot read the shard ({e.strerror}). Check that the file exists and is readable.") from e
+    if size == 0:
+        raise ShardError(f"{path}: the file is empty; expected token data. Remove it or re-create the shard.")
+
+    if path.endswith(".npy"):
+        try:
+            array = np.load(path, mmap_mode="r", allow_pickle=False)
+        except Exception as e:  # numpy raises several types for a bad header
+            raise ShardError(f"{path}: not a readable .npy file ({e}). {HINT}") from e
+        if array.ndim != 1:
+            raise ShardError(f"{path}: expected a 1-D token array, found shape {array.shape}. Flatten it with array.reshape(-1).")
+        if array.dtype not in NPY_DTYPES:
+            raise ShardError(
+                f"{path}: expected tokens of dtype uint16, uint32 or int32, found {array.dtype}. "
+                f"Convert with array.astype(np.uint32).")
+        if not array.flags.c_contiguous or array.dtype.byteorder == ">":
+            raise ShardError(f"{path}: expected a little-endian, C-ordered array. Re-save it with np.save(path, np.ascontiguousarray(a)).")
+        if array.size == 0:
+            raise ShardError(f"{path}: the array holds no tokens. Remove the file.")
+        # int32 tokens are ids below 2**31, so reading them as uint32 gives the same values.
+        dtype = np.dtype(np.uint32) if array.dtype == np.int32 else array.dtype
+        return Shard(path, "npy", dtype, int(array.offset), int(array.size))
+
+    shard = _read_llmc_header(path, head, size)
+    if shard is not None:
+        return shard
+    dtype = np.dtype(token_dtype)
+    if dtype not in (np.dtype(np.uint16), np.dtype(np.uint32)):
+        raise ValueError(f"token_dtype must be uint16 or uint32, got {dtype}")
+    if size % dtype.itemsize:
+        raise ShardError(
+            f"{path}: a raw token file of {dtype} must have a size that is a multiple of {dtype.itemsize} "
+            f"bytes, found {size} bytes. The file is truncated, or its tokens have another width "
+            f"(pass token_dtype=).")
+    return Shard(path, "raw", dtype, 0, size // dtype.itemsize)
+
+
+class TokenStream:
+    """The shards concatenated in order, memory-mapped, addressed by a global token position."""
+
+    def __init__(self, files, token_dtype=np.uint16):
+        self.paths = resolve_paths(files)
+        self.shards = [open_shard(p, token_dtype) for p in self.paths]
+        dtypes = {s.dtype for s in self.shards}
+        if len(dtypes) > 1:
+            found = ", ".join(f"{os.path.basename(s.path)}: {s.dtype}" for s in self.shards[:8])
+            raise ShardError(
+                f"shards mix token widths ({found}); expected one width for the whole stream. "
+                f"Re-create the shards with one tokenizer/format.")
+        self.dtype = self.shards[0].dtype
+        self.arrays = [s.memmap() for s in self.shards]
+        counts = np.array([s.num_tokens for s in self.shards], dtype=np.int64)
+        # starts[i] = global position of shard i's first token; starts[-1] = total tokens.
+        self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self.num_tokens = int(self.starts[-1])
+
+    def __len__(self) -> int:
+        return self.num_tokens
+
+    def read(self, start: int, count: int) -> np.ndarray:
+        """Tokens [start, start+count) of the stream, copied across shard boundaries as needed."""
+        if start < 0 or count < 0 or start + count > self.num_tokens:
+            raise IndexError(f"tokens [{start}, {start + count}) outside the stream of {self.num_tokens}")
+        out = np.empty(count, dtype=self.dtype)
+        first = int(np.searchsorted(self.starts, start, side="right")) - 1
+        done = 0
+        shard = first
+        while done < count:
+            local = start + done - int(self.starts[shard])
+            take = min(count - done, self.shards[shard].num_tokens - local)
+            out[done:done + take] = self.arrays[shard][local:local + take]
+            done += take
+            shard += 1
+        return out
+
+    def fingerprint(self) -> str:
+        """A short identity of the dataset: shard names, sizes, width and sampled tokens (cheap to compute)."""
+        h = hashlib.sha256()
+        h.update(str(self.dtype).encode())
+        for shard, array in zip(self.shards, self.arrays):
+            h.update(f"{os.path.basename(shard.path)}:{shard.num_tokens};".encode())
+            h.update(np.ascontiguousarray(array[:64]).tobytes())
+            h.update(np.ascontiguousarray(array[-64:]).tobytes())
+        return h.hexdigest()[:16]
+
+
+def write_shard(path: PathLike, tokens: np.ndarray, format: str = "llmc") -> None:
+    """Write tokens as an llm.c shard (format="llmc"), a headerless .bin ("raw") or a .npy ("npy").
+
+    The file appears under its final name only when complete (written to a temporary name first).
+    """
+    tokens = np.ascontiguousarray(tokens)
+    if tokens.ndim != 1 or tokens.dtype not in (np.dtype(np.uint16), np.dtype(np.uint32), np.dtype(np.int32)):
+        raise ValueError(f"tokens must be a 1-D uint16/uint32/int32 array, got {tokens.dtype} {tokens.shape}")
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        if format == "llmc":
+            dtype = np.dtype(np.uint16) if tokens.dtype == np.uint16 else np.dtype(np.uint32)
+            header = np.zeros(HEADER_INTS, dtype="<i4")
+            header[0] = LLMC_MAGIC_FOR_DTYPE[dtype]
+            header[1] = LLMC_FORMATS[header[0]][0]
+            header[2] = tokens.size
+            f.write(header.tobytes())
+            f.write(tokens.astype(dtype.newbyteorder("<"), copy=False).tobytes())
+        elif format == "raw":
+            f.write(tokens.tobytes())
+        elif format == "npy":
+            np.save(f, tokens)
+        else:
+            raise ValueError(f"unknown shard format {format!r}; expected 'llmc', 'raw' or 'npy'")
+    os.replace(tmp, path)
+
+
+def describe(shards: Sequence[Shard]) -> str:
+    return ", ".join(f"{os.path.basename(s.path)} ({s.format}, {s.dtype}, {s.num_tokens} tokens)" for s in shards)

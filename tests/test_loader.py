@@ -1,0 +1,218 @@
+"""GPULoader: the batch contract on synthetic token = position shards, backends, ranks and resume."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from gpuload import GPULoader, native
+from gpuload.sampling import window_starts
+
+BACKENDS = ["torch"] + (["native"] if native.available() else [])
+MODES = ["random", "shuffle", "sequential"]
+
+
+def loader(paths, **kw):
+    kw.setdefault("device", "cpu")
+    kw.setdefault("rank", 0)
+    kw.setdefault("world_size", 1)
+    return GPULoader(paths, **kw)
+
+
+def batches(ld, steps):
+    return [next(ld) for _ in range(steps)]
+
+
+def assert_same(a, b):
+    assert len(a) == len(b)
+    for (xa, ya), (xb, yb) in zip(a, b):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [np.uint16, np.uint32])
+def test_sequential_exact_across_shard_boundaries_and_wrap(make_shards, backend, dtype):
+    sizes = [50, 7, 80, 13]  # 150 tokens; T=16: M = 9 windows, shards shorter than a window
+    paths = make_shards(sizes, dtype=dtype)
+    B, T, N = 4, 16, sum(sizes)
+    ld = loader(paths, batch_size=B, seq_len=T, sampling="sequential", backend=backend)
+    modulus = 1 << (8 * np.dtype(dtype).itemsize)
+    for step in range(5):
+        x, y = next(ld)
+        for b in range(B):
+            o = ((step * B + b) % ((N - 1) // T)) * T
+            assert x[b].tolist() == [p % modulus for p in range(o, o + T)]
+            assert y[b].tolist() == [p % modulus for p in range(o + 1, o + T + 1)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", MODES)
+def test_rows_are_contiguous_windows(make_shards, backend, mode):
+    paths = make_shards([300, 1, 2, 500, 40])
+    ld = loader(paths, batch_size=8, seq_len=33, sampling=mode, seed=11, backend=backend)
+    for step in range(10):
+        starts = ld.window_starts(ld.step)
+        x, y = next(ld)
+        assert x.shape == y.shape == (8, 33) and x.is_contiguous() and y.is_contiguous()
+        assert x.dtype == y.dtype == torch.int64
+        expected = starts[:, None] + torch.arange(33)
+        assert torch.equal(x, expected) and torch.equal(y, expected + 1)
+
+
+@pytest.mark.skipif(len(BACKENDS) < 2, reason="native extension not built")
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", [np.uint16, np.uint32])
+@pytest.mark.parametrize("input_dtype", [torch.int64, torch.int32])
+@pytest.mark.parametrize("B,T", [(1, 1), (5, 7), (3, 129)])
+def test_native_equals_torch_reference(make_shards, mode, dtype, input_dtype, B, T):
+    paths = make_shards([3, 400, 1, 90, 250], dtype=dtype)
+    if dtype == np.uint32:  # tokens past 2**31 must not come out negative
+        arr = np.memmap(paths[1], dtype=np.uint32, mode="r+", offset=1024)
+        arr[::3] = 2**32 - 1 - np.arange(arr[::3].size, dtype=np.uint32)
+        arr.flush()
+        del arr
+    kw = dict(batch_size=B, seq_len=T, sampling=mode, seed=2**63 + 3, input_dtype=input_dtype)
+    ref = batches(loader(paths, backend="torch", **kw), 12)
+    assert_same(ref, batches(loader(paths, backend="native", **kw), 12))
+    assert ref[0][0].dtype == input_dtype and ref[0][1].dtype == torch.int64
+    if dtype == np.uint32 and input_dtype == torch.int64:
+        assert int(torch.cat([y for _, y in ref]).max()) >= 2**31 or mode == "sequential"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_deterministic_and_seeded(make_shards, mode):
+    paths = make_shards([5000])
+    a = batches(loader(paths, batch_size=4, seq_len=32, sampling=mode, seed=1), 4)
+    assert_same(a, batches(loader(paths, batch_size=4, seq_len=32, sampling=mode, seed=1), 4))
+    if mode != "sequential":
+        b = batches(loader(paths, batch_size=4, seq_len=32, sampling=mode, seed=2), 4)
+        assert not all(torch.equal(xa, xb) for (xa, _), (xb, _) in zip(a, b))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_ranks_partition_the_global_batch(make_shards, mode):
+    paths = make_shards([2000, 3000])
+    single = batches(loader(paths, batch_size=12, seq_len=20, sampling=mode, seed=4), 3)
+    per_rank = [batches(loader(paths, batch_size=3, seq_len=20, sampling=mode, seed=4, rank=r, world_size=4), 3)
+                for r in range(4)]
+    for step in range(3):
+        assert torch.equal(torch.cat([per_rank[r][step][0] for r in range(4)]), single[step][0])
+        assert torch.equal(torch.cat([per_rank[r][step][1] for r in range(4)]), single[step][1])
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_exact_and_elastic_resume(make_shards, mode):
+    paths = make_shards([700, 900])
+    B, T, G = 4, 16, 8
+    straight = batches(loader(paths, batch_size=G, seq_len=T, sampling=mode, seed=7), 10)
+
+    ranks = [loader(paths, batch_size=B, seq_len=T, sampling=mode, seed=7, rank=r, world_size=2) for r in range(2)]
+    for ld in ranks:
+        batches(ld, 6)
+    state = json.loads(json.dumps(ranks[0].state_dict()))  # survives a JSON round trip
+    assert state["step"] == 6
+
+    # Resume on 4 ranks of 2 rows (same G), with a different constructor seed: the state wins.
+    resumed = [loader(paths, batch_size=2, seq_len=T, sampling=mode, seed=999, rank=r, world_size=4) for r in range(4)]
+    for ld in resumed:
+        ld.load_state_dict(state)
+    for step in range(6, 10):
+        got = [next(ld) for ld in resumed]
+        assert torch.equal(torch.cat([x for x, _ in got]), straight[step][0])
+        assert torch.equal(torch.cat([y for _, y in got]), straight[step][1])
+
+
+@pytest.mark.parametrize("change,field", [
+    (dict(seq_len=8), "seq_len"), (dict(batch_size=3), "global_batch"), (dict(sampling="shuffle"), "sampling"),
+])
+def test_resume_refuses_other_shapes(make_shards, change, field):
+    paths = make_shards([1000])
+    base = dict(batch_size=4, seq_len=16, sampling="random")
+    state = loader(paths, **base).state_dict()
+    with pytest.raises(ValueError, match=field):
+        loader(paths, **{**base, **change}).load_state_dict(state)
+
+
+def test_resume_refuses_other_dataset(make_shards, tmp_path):
+    a = make_shards([1000], prefix="a")
+    b = make_shards([1001], prefix="b")
+    state = loader(a, batch_size=2, seq_len=8).state_dict()
+    with pytest.raises(ValueError, match="dataset"):
+        loader(b, batch_size=2, seq_len=8).load_state_dict(state)
+    with pytest.raises(ValueError, match="not a gpuload loader state"):
+        loader(a, batch_size=2, seq_len=8).load_state_dict({"step": 3})
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(batch_size=0), "batch_size"), (dict(seq_len=0), "seq_len"), (dict(sampling="bogus"), "sampling"),
+    (dict(rank=2, world_size=2), "rank"), (dict(rank=-1, world_size=2), "rank"),
+    (dict(input_dtype=torch.float32), "input_dtype"), (dict(backend="cuda-magic"), "backend"),
+    (dict(seed=1.5), "seed"),
+])
+def test_invalid_arguments(make_shards, kwargs, match):
+    paths = make_shards([1000])
+    kw = dict(batch_size=2, seq_len=8, device="cpu")
+    kw.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        GPULoader(paths, **kw)
+
+
+def test_rank_and_world_from_torchrun_environment(make_shards, monkeypatch):
+    paths = make_shards([1000])
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    ld = GPULoader(paths, batch_size=2, seq_len=8, device="cpu")
+    assert (ld.rank, ld.world_size, ld.global_batch) == (2, 3, 6)
+    assert torch.equal(ld.window_starts(0), window_starts("random", 0, 0, torch.arange(4, 6), 6, 1000, 8))
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+    ld = GPULoader(paths, batch_size=2, seq_len=8, device="cpu")
+    assert (ld.rank, ld.world_size) == (0, 1)
+
+
+def test_default_device_is_cpu_without_cuda(make_shards):
+    ld = GPULoader(make_shards([100]), batch_size=1, seq_len=8)
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    x, y = next(ld)
+    assert x.device.type == y.device.type == expected
+
+
+def test_fresh_tensors_each_step(make_shards):
+    ld = loader(make_shards([1000]), batch_size=2, seq_len=8, sampling="sequential")
+    x0, _ = next(ld)
+    kept = x0.clone()
+    next(ld)
+    assert torch.equal(x0, kept)
+
+
+def test_close_and_context_manager(make_shards):
+    with loader(make_shards([1000]), batch_size=2, seq_len=8) as ld:
+        next(ld)
+    with pytest.raises(RuntimeError, match="closed"):
+        next(ld)
+
+
+def test_no_native_switch_forces_torch_backend(make_shards):
+    paths = make_shards([1000])
+    code = ("from gpuload import GPULoader, native_available; "
+            f"ld = GPULoader({paths!r}, batch_size=2, seq_len=8, device='cpu'); "
+            "print(native_available(), ld.backend)")
+    env = {**os.environ, "GPULOAD_NO_NATIVE": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "torch"]
+    with pytest.raises(subprocess.CalledProcessError) as info:
+        subprocess.run([sys.executable, "-c", code.replace("device='cpu'", "device='cpu', backend='native'")],
+                       env=env, capture_output=True, text=True, check=True)
+    assert "GPULOAD_NO_NATIVE" in info.value.stderr
+
+
+def test_demo_prints_batches(capsys, tmp_path):
+    from gpuload.demo import run_demo
+
+    run_demo(directory=str(tmp_path), batch_size=2, seq_len=8, steps=2, sampling="sequential")
+    out = capsys.readouterr().out
+    assert "step 1" in out and "row 1: starts at token     24" in out

@@ -1,0 +1,132 @@
+"""The batch contract's arithmetic: torch tensors vs a scalar Python oracle vs the native port."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from gpuload import native
+from gpuload.sampling import (FEISTEL_ROUNDS, GOLDEN, MASK64, SALT_RANDOM, SALT_SHUFFLE, feistel_half_bits,
+                              feistel_permute, mix64, mix64_int, random_starts, to_signed, window_starts,
+                              windows_per_epoch)
+
+
+# --- a scalar oracle written from the definitions in sampling.py's docstring ------------------
+
+def oracle_feistel(index, epoch, seed, m):
+    half = feistel_half_bits(m)
+    mask = (1 << half) - 1
+    keys = [mix64_int(mix64_int(seed ^ SALT_SHUFFLE) + epoch * FEISTEL_ROUNDS + r) for r in range(FEISTEL_ROUNDS)]
+    x = index
+    while True:
+        left, right = x >> half, x & mask
+        for key in keys:
+            left, right = right, left ^ (mix64_int(right ^ key) & mask)
+        x = (left << half) | right
+        if x < m:
+            return x
+
+
+def oracle_start(mode, seed, step, g, G, N, T):
+    if mode == "random":
+        h = mix64_int(mix64_int(mix64_int(seed ^ SALT_RANDOM) + step) + g)
+        return (h >> 1) % (N - T)
+    m = (N - 1) // T
+    w = step * G + g
+    if mode == "sequential":
+        return (w % m) * T
+    return oracle_feistel(w % m, w // m, seed & MASK64, m) * T
+
+
+def test_mix64_matches_splitmix64_reference_outputs():
+    # SplitMix64 seeded with 0 outputs mix64(k * GOLDEN) for k = 1, 2, 3 (Vigna's reference code).
+    outputs = [mix64_int(k * GOLDEN) for k in (1, 2, 3)]
+    assert outputs == [0xE220A8397B1DCDAF, 0x6E789E6AA1B965F4, 0x06C45D188009454F]
+
+
+def test_mix64_tensor_equals_python_ints():
+    rng = random.Random(0)
+    values = [0, 1, MASK64, 1 << 63, (1 << 63) - 1] + [rng.getrandbits(64) for _ in range(2000)]
+    got = mix64(torch.tensor([to_signed(v) for v in values], dtype=torch.int64))
+    assert got.tolist() == [to_signed(mix64_int(v)) for v in values]
+
+
+@pytest.mark.parametrize("mode", ["random", "shuffle", "sequential"])
+@pytest.mark.parametrize("N,T", [(2, 1), (1000, 7), (10_000, 64), (10**10, 1024), (3 * 2**31 + 5, 1)])
+def test_window_starts_equal_oracle(mode, N, T):
+    rng = random.Random(hash((mode, N, T)) & 0xFFFF)
+    for _ in range(4):
+        seed = rng.choice([0, 1, 1234, 2**63 + 17, -5])
+        step = rng.choice([0, 1, 7, 10**6, 2**40])
+        G = rng.choice([1, 8, 96])
+        rows = torch.arange(G)
+        got = window_starts(mode, seed, step, rows, G, N, T).tolist()
+        assert got == [oracle_start(mode, seed, step, g, G, N, T) for g in range(G)]
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 16, 17, 97, 256, 1000, 4097])
+def test_shuffle_is_a_permutation_per_epoch(m):
+    index = torch.arange(m)
+    perms = [feistel_permute(index, torch.full_like(index, e), 42, m) for e in range(3)]
+    for perm in perms:
+        assert sorted(perm.tolist()) == list(range(m))
+    if m >= 16:
+        assert not torch.equal(perms[0], perms[1])
+        assert not torch.equal(perms[0], feistel_permute(index, torch.zeros_like(index), 43, m))
+
+
+def test_shuffle_visits_every_window_once_per_epoch_across_steps():
+    N, T, G = 1 + 50 * 8, 8, 7  # M = 50 windows, G does not divide M: epochs straddle batches
+    m = windows_per_epoch(N, T)
+    starts = torch.cat([window_starts("shuffle", 9, s, torch.arange(G), G, N, T) for s in range(3 * m // G + 1)])
+    epochs = [starts[e * m:(e + 1) * m] for e in range(3)]
+    for epoch in epochs:
+        assert sorted((epoch // T).tolist()) == list(range(m))
+    assert not torch.equal(epochs[0], epochs[1])
+
+
+def test_shuffle_scales_to_huge_corpora():
+    N, T = 10**10, 1  # 10^10 windows: nothing may be stored per window
+    rows = torch.arange(4096)
+    starts = window_starts("shuffle", 3, 10**5, rows, 4096, N, T)
+    assert starts.unique().numel() == 4096 and int(starts.min()) >= 0 and int(starts.max()) < N - 1
+
+
+def test_random_starts_uniform_over_whole_range():
+    N, T = 1000, 10  # starts in [0, 989]: 990 values
+    starts = torch.cat([random_starts(5, s, torch.arange(1000), N, T) for s in range(100)])
+    counts = torch.bincount(starts, minlength=N - T)
+    assert counts.numel() == N - T  # nothing beyond N-T-1
+    assert int(counts.min()) > 0  # both ends and everything between are reachable
+    expected = starts.numel() / (N - T)
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert chi2 < (N - T) * 1.25  # chi-square with 989 dof: mean 989, sd ~44
+
+
+def test_random_starts_differ_by_seed_step_row():
+    a = random_starts(0, 0, torch.arange(64), 10**9, 1024)
+    assert a.unique().numel() == 64
+    assert not torch.equal(a, random_starts(1, 0, torch.arange(64), 10**9, 1024))
+    assert not torch.equal(a, random_starts(0, 1, torch.arange(64), 10**9, 1024))
+
+
+def test_sequential_is_stream_order_with_wrap():
+    N, T, G = 101, 10, 4  # M = 10 windows
+    starts = torch.cat([window_starts("sequential", 0, s, torch.arange(G), G, N, T) for s in range(5)])
+    assert starts.tolist() == [(w % 10) * 10 for w in range(20)]
+
+
+@pytest.mark.skipif(not native.available(), reason="native extension not built")
+@pytest.mark.parametrize("mode", ["random", "shuffle", "sequential"])
+def test_native_window_starts_equal_torch(mode):
+    table = native.module().ShardTable([0], [0, 3 * 2**31 + 7], 2)  # only its length is used here
+    rng = random.Random(1)
+    out = np.empty(64, dtype=np.int64)
+    for T in (1, 7, 1024):
+        for _ in range(5):
+            seed, step, row0 = rng.getrandbits(64), rng.choice([0, 3, 2**33]), rng.choice([0, 64, 640])
+            table.window_starts({"random": 0, "shuffle": 1, "sequential": 2}[mode], seed, step, row0, 64, 704, T,
+                                out.ctypes.data)
+            expected = window_starts(mode, seed, step, torch.arange(row0, row0 + 64), 704, 3 * 2**31 + 7, T)
+            assert out.tolist() == expected.tolist()

@@ -1,0 +1,153 @@
+"""Shard formats, input resolution, and every bad input failing with a clear error."""
+
+import os
+
+import numpy as np
+import pytest
+
+from gpuload import GPULoader
+from gpuload.shards import HEADER_BYTES, ShardError, TokenStream, natural_key, open_shard, resolve_paths, write_shard
+
+from conftest import position_tokens
+
+
+@pytest.mark.parametrize("format,dtype", [
+    ("llmc", np.uint16), ("llmc", np.uint32), ("raw", np.uint16), ("raw", np.uint32),
+    ("npy", np.uint16), ("npy", np.uint32), ("npy", np.int32),
+])
+def test_formats_read_back_exactly(tmp_path, format, dtype):
+    tokens = position_tokens(0, 70_001, dtype)
+    path = str(tmp_path / ("t.npy" if format == "npy" else "t.bin"))
+    write_shard(path, tokens, format=format)
+    stream = TokenStream(path, token_dtype=dtype if format == "raw" else np.uint16)
+    shard = stream.shards[0]
+    assert shard.format == format and shard.num_tokens == tokens.size
+    assert stream.dtype.itemsize == np.dtype(dtype).itemsize
+    np.testing.assert_array_equal(stream.read(0, tokens.size), tokens.astype(stream.dtype))
+
+
+def test_llmc_header_layout(tmp_path):
+    path = tmp_path / "a.bin"
+    write_shard(path, np.arange(10, dtype=np.uint32))
+    header = np.fromfile(path, dtype="<i4", count=256)
+    assert header[:3].tolist() == [20240801, 7, 10] and not header[3:].any()
+    assert os.path.getsize(path) == HEADER_BYTES + 40
+    write_shard(path, np.arange(10, dtype=np.uint16))
+    assert np.fromfile(path, dtype="<i4", count=3).tolist() == [20240520, 1, 10]
+
+
+def test_stream_concatenates_in_natural_order(make_shards, tmp_path):
+    sizes = [5, 3, 8, 1, 2, 9, 4, 6, 7, 2, 11, 3]  # 12 shards: shard_10 and shard_11 sort after shard_9
+    make_shards(sizes)
+    stream = TokenStream(str(tmp_path / "shard_*.bin"))
+    assert [os.path.basename(p) for p in stream.paths] == [f"shard_{i}.bin" for i in range(12)]
+    np.testing.assert_array_equal(stream.read(0, sum(sizes)), np.arange(sum(sizes)))
+    np.testing.assert_array_equal(stream.read(4, 10), np.arange(4, 14))  # crosses three shards
+    assert TokenStream(str(tmp_path)).paths == stream.paths  # a directory, same order
+    assert TokenStream(list(reversed(stream.paths))).read(0, 3).tolist() == [sum(sizes) - 3, sum(sizes) - 2, sum(sizes) - 1]
+
+
+def test_natural_key():
+    names = ["s_10.bin", "s_2.bin", "s_1.bin", "t_0.bin"]
+    assert sorted(names, key=natural_key) == ["s_1.bin", "s_2.bin", "s_10.bin", "t_0.bin"]
+
+
+def test_fingerprint_tracks_content_and_order(make_shards, tmp_path):
+    paths = make_shards([100, 200])
+    assert TokenStream(paths).fingerprint() == TokenStream(paths).fingerprint()
+    assert TokenStream(paths).fingerprint() != TokenStream(paths[::-1]).fingerprint()
+    other = make_shards([100, 200], prefix="other", directory=str(tmp_path / "o"))
+    write_shard(other[1], np.full(200, 7, dtype=np.uint32))
+    assert TokenStream(paths).fingerprint() != TokenStream([paths[0], other[1]]).fingerprint()
+
+
+# --- bad input: every case names the file and raises the documented type -----------------------
+
+def test_no_match_names_the_pattern(tmp_path):
+    pattern = str(tmp_path / "missing_*.bin")
+    with pytest.raises(FileNotFoundError, match="missing_"):
+        resolve_paths(pattern)
+    with pytest.raises(FileNotFoundError, match="nope.bin"):
+        resolve_paths(str(tmp_path / "nope.bin"))
+    (tmp_path / "empty_dir").mkdir()
+    with pytest.raises(FileNotFoundError, match="empty_dir"):
+        resolve_paths(str(tmp_path / "empty_dir"))
+    with pytest.raises(FileNotFoundError):
+        resolve_paths([])
+
+
+def _expect_shard_error(path, *fragments, **kwargs):
+    with pytest.raises(ShardError) as info:
+        open_shard(str(path), **kwargs)
+    message = str(info.value)
+    assert str(path) in message
+    for fragment in fragments:
+        assert fragment in message, message
+    assert isinstance(info.value, ValueError)
+
+
+def test_empty_file(tmp_path):
+    path = tmp_path / "empty.bin"
+    path.write_bytes(b"")
+    _expect_shard_error(path, "empty")
+
+
+def test_truncated_llmc_shard(tmp_path):
+    path = tmp_path / "trunc.bin"
+    write_shard(path, np.arange(1000, dtype=np.uint16))
+    data = path.read_bytes()
+    path.write_bytes(data[:-100])
+    _expect_shard_error(path, "truncated", "header says 1000 tokens", "950")
+
+
+def test_truncated_inside_header(tmp_path):
+    path = tmp_path / "hdr.bin"
+    write_shard(path, np.arange(10, dtype=np.uint16))
+    path.write_bytes(path.read_bytes()[:500])
+    _expect_shard_error(path, "truncated", "1024-byte header")
+
+
+def test_llmc_wrong_version_and_trailing_bytes(tmp_path):
+    path = tmp_path / "v.bin"
+    write_shard(path, np.arange(10, dtype=np.uint16))
+    raw = bytearray(path.read_bytes())
+    raw[4:8] = np.int32(7).tobytes()
+    path.write_bytes(bytes(raw))
+    _expect_shard_error(path, "version 1", "found version 7")
+    write_shard(path, np.arange(10, dtype=np.uint16))
+    path.write_bytes(path.read_bytes() + b"\0\0\0\0")
+    _expect_shard_error(path, "header says 10 tokens", "re-create")
+
+
+def test_raw_size_not_multiple_of_width(tmp_path):
+    path = tmp_path / "odd.bin"
+    path.write_bytes(b"\x01\x00\x02\x00\x03")
+    _expect_shard_error(path, "multiple of 2", "5 bytes")
+    path.write_bytes(b"\x01\x00\x02\x00\x03\x00")
+    _expect_shard_error(path, "multiple of 4", token_dtype=np.uint32)
+
+
+def test_bad_npy(tmp_path):
+    path = tmp_path / "two_d.npy"
+    np.save(path, np.zeros((3, 4), dtype=np.uint16))
+    _expect_shard_error(path, "1-D", "(3, 4)")
+    np.save(path, np.zeros(8, dtype=np.float32))
+    _expect_shard_error(path, "uint16, uint32 or int32", "float32")
+    path.write_bytes(b"not a numpy file at all")
+    _expect_shard_error(path, ".npy")
+
+
+def test_mixed_widths(make_shards, tmp_path):
+    a = make_shards([100], dtype=np.uint16, prefix="a")
+    b = make_shards([100], dtype=np.uint32, prefix="b")
+    with pytest.raises(ShardError, match="mix token widths") as info:
+        TokenStream(a + b)
+    assert "a_0.bin" in str(info.value) and "b_0.bin" in str(info.value)
+
+
+def test_too_few_tokens_for_one_window(make_shards):
+    paths = make_shards([10, 6])
+    with pytest.raises(ValueError, match="seq_len \\+ 1 = 17") as info:
+        GPULoader(paths, batch_size=1, seq_len=16, device="cpu")
+    assert "shard_0.bin" in str(info.value)
+    GPULoader(paths, batch_size=1, seq_len=15, device="cpu")  # exactly seq_len + 1 tokens is enough
