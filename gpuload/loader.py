@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Optional
 
 import numpy as np
@@ -189,8 +190,6 @@ class GPULoader:
 
 def _as_tensor(array: np.ndarray) -> torch.Tensor:
     """A torch view of a read-only memmap (torch warns about non-writable arrays; the view is never written)."""
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         return torch.from_numpy(array)

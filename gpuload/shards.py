@@ -8,7 +8,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence, Union
+from typing import Iterable, Union
 
 import numpy as np
 
@@ -219,23 +219,23 @@ def write_shard(path: PathLike, tokens: np.ndarray, format: str = "llmc") -> Non
         raise ValueError(f"tokens must be a 1-D uint16/uint32/int32 array, got {tokens.dtype} {tokens.shape}")
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        if format == "llmc":
-            dtype = np.dtype(np.uint16) if tokens.dtype == np.uint16 else np.dtype(np.uint32)
-            header = np.zeros(HEADER_INTS, dtype="<i4")
-            header[0] = LLMC_MAGIC_FOR_DTYPE[dtype]
-            header[1] = LLMC_FORMATS[header[0]][0]
-            header[2] = tokens.size
-            f.write(header.tobytes())
-            f.write(tokens.astype(dtype.newbyteorder("<"), copy=False).tobytes())
-        elif format == "raw":
-            f.write(tokens.tobytes())
-        elif format == "npy":
-            np.save(f, tokens)
-        else:
-            raise ValueError(f"unknown shard format {format!r}; expected 'llmc', 'raw' or 'npy'")
+    try:
+        with open(tmp, "wb") as f:
+            if format == "llmc":
+                dtype = np.dtype(np.uint16) if tokens.dtype == np.uint16 else np.dtype(np.uint32)
+                magic = LLMC_MAGIC_FOR_DTYPE[dtype]
+                header = np.zeros(HEADER_INTS, dtype="<i4")
+                header[:3] = magic, LLMC_FORMATS[magic][0], tokens.size
+                f.write(header.tobytes())
+                f.write(tokens.astype(dtype.newbyteorder("<"), copy=False).tobytes())
+            elif format == "raw":
+                f.write(tokens.tobytes())
+            elif format == "npy":
+                np.save(f, tokens)
+            else:
+                raise ValueError(f"unknown shard format {format!r}; expected 'llmc', 'raw' or 'npy'")
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
 
-
-def describe(shards: Sequence[Shard]) -> str:
-    return ", ".join(f"{os.path.basename(s.path)} ({s.format}, {s.dtype}, {s.num_tokens} tokens)" for s in shards)
