@@ -14,7 +14,7 @@ from gpuload.kernels.gather import gather_reference
 from gpuload.sampling import MASK64, SAMPLING_MODES, window_starts
 from gpuload.shards import TokenStream
 
-BACKENDS = ("auto", "torch", "native")
+BACKENDS = ("auto", "torch", "native", "triton")
 STATE_FORMAT = "gpuload.loader/1"
 _NATIVE_MODE = {"random": 0, "shuffle": 1, "sequential": 2}  # csrc/sampling.h Sampling
 
@@ -94,7 +94,9 @@ class GPULoader:
         self.fingerprint = self.stream.fingerprint()
         self.backend = self._choose_backend(backend)
         self._rows = torch.arange(rank * batch_size, (rank + 1) * batch_size, dtype=torch.int64)
-        if self.backend == "native":
+        if self.backend == "triton":
+            self._device_tokens = self._load_resident_stream()
+        elif self.backend == "native":
             self._table = native.module().ShardTable(
                 [a.ctypes.data for a in self.stream.arrays], self.stream.starts.tolist(), self.stream.dtype.itemsize)
             self._starts = np.empty(batch_size, dtype=np.int64)
@@ -112,6 +114,24 @@ class GPULoader:
                                f"use backend='torch' or reinstall gpuload with a C++ compiler present")
         return backend
 
+    def _load_resident_stream(self) -> torch.Tensor:
+        """The whole stream in one tensor on the device, for the Triton kernel (the ring's whole-dataset case)."""
+        from gpuload.kernels import triton_gather  # imported late: triton is slow to import
+
+        if self.device.type == "cpu" and not triton_gather.interpreter_active():
+            raise RuntimeError("backend='triton' on the CPU needs TRITON_INTERPRET=1 set before triton is imported "
+                               "(Triton's interpreter); use a CUDA device, or backend='native' on the CPU")
+        if self.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"backend='triton' runs on CUDA devices (or the CPU interpreter), not {self.device}")
+        nbytes = self.num_tokens * self.stream.dtype.itemsize
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            if nbytes > free // 2:
+                raise ValueError(
+                    f"backend='triton' keeps the whole stream on {self.device}: {nbytes / 2**30:.2f} GiB, more than "
+                    f"half of its {free / 2**30:.2f} GiB free; use backend='native' for this dataset")
+        return torch.from_numpy(self.stream.read(0, self.num_tokens)).to(self.device)
+
     def __iter__(self):
         return self
 
@@ -128,6 +148,11 @@ class GPULoader:
 
     def _produce(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         B, T = self.batch_size, self.seq_len
+        if self.backend == "triton":
+            from gpuload.kernels.triton_gather import gather_batch_triton
+
+            return gather_batch_triton(self._device_tokens, self.sampling, self.seed, step, self.rank * B, B,
+                                       self.global_batch, self.num_tokens, T, input_dtype=self.input_dtype)
         if self.backend == "native":
             # Pinned host memory lets the device copy below run asynchronously.
             pin = self.device.type == "cuda"
@@ -175,6 +200,7 @@ class GPULoader:
         self.stream = None  # first: __next__ checks it before touching the tables below
         self._table = None
         self._shard_tensors = None
+        self._device_tokens = None
 
     def __enter__(self):
         return self

@@ -10,14 +10,18 @@ import pytest
 import torch
 
 from gpuload import GPULoader, native
+from gpuload.kernels import triton_gather
 from gpuload.sampling import window_starts
 
-BACKENDS = ["torch"] + (["native"] if native.available() else [])
+# Triton runs through its CPU interpreter here (tests/conftest.py sets TRITON_INTERPRET=1) or on CUDA.
+TRITON = triton_gather.interpreter_active() or torch.cuda.is_available()
+BACKENDS = ["torch"] + (["native"] if native.available() else []) + (["triton"] if TRITON else [])
 MODES = ["random", "shuffle", "sequential"]
 
 
 def loader(paths, **kw):
-    kw.setdefault("device", "cpu")
+    on_gpu = kw.get("backend") == "triton" and not triton_gather.interpreter_active()
+    kw.setdefault("device", "cuda" if on_gpu else "cpu")
     kw.setdefault("rank", 0)
     kw.setdefault("world_size", 1)
     return GPULoader(paths, **kw)
@@ -56,19 +60,19 @@ def test_rows_are_contiguous_windows(make_shards, backend, mode):
     ld = loader(paths, batch_size=8, seq_len=33, sampling=mode, seed=11, backend=backend)
     for step in range(10):
         starts = ld.window_starts(ld.step)
-        x, y = next(ld)
+        x, y = (t.cpu() for t in next(ld))
         assert x.shape == y.shape == (8, 33) and x.is_contiguous() and y.is_contiguous()
         assert x.dtype == y.dtype == torch.int64
         expected = starts[:, None] + torch.arange(33)
         assert torch.equal(x, expected) and torch.equal(y, expected + 1)
 
 
-@pytest.mark.skipif(len(BACKENDS) < 2, reason="native extension not built")
+@pytest.mark.parametrize("backend", BACKENDS[1:])
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype", [np.uint16, np.uint32])
 @pytest.mark.parametrize("input_dtype", [torch.int64, torch.int32])
 @pytest.mark.parametrize("B,T", [(1, 1), (5, 7), (3, 129)])
-def test_native_equals_torch_reference(make_shards, mode, dtype, input_dtype, B, T):
+def test_backends_equal_torch_reference(make_shards, backend, mode, dtype, input_dtype, B, T):
     paths = make_shards([3, 400, 1, 90, 250], dtype=dtype)
     if dtype == np.uint32:  # tokens past 2**31 must not come out negative
         arr = np.memmap(paths[1], dtype=np.uint32, mode="r+", offset=1024)
@@ -77,7 +81,8 @@ def test_native_equals_torch_reference(make_shards, mode, dtype, input_dtype, B,
         del arr
     kw = dict(batch_size=B, seq_len=T, sampling=mode, seed=2**63 + 3, input_dtype=input_dtype)
     ref = batches(loader(paths, backend="torch", **kw), 12)
-    assert_same(ref, batches(loader(paths, backend="native", **kw), 12))
+    got = batches(loader(paths, backend=backend, **kw), 12)
+    assert_same(ref, [(x.cpu(), y.cpu()) for x, y in got])
     assert ref[0][0].dtype == input_dtype and ref[0][1].dtype == torch.int64
     if dtype == np.uint32 and input_dtype == torch.int64:
         assert int(torch.cat([y for _, y in ref]).max()) >= 2**31 or mode == "sequential"

@@ -1,0 +1,280 @@
+"""Triton gather: one launch builds a rank's whole (B, T) batch, window starts computed in the kernel.
+
+Each program owns one row's column block: it computes the row's window start from (seed, step, global
+row) with exactly the arithmetic of `gpuload/sampling.py` (ported line for line from its docstring;
+csrc/sampling.h is the same port in C++), then copies BLOCK tokens into x and the next BLOCK into y.
+The reference is `gpuload.sampling.window_starts` + `gpuload.kernels.gather.gather_reference`, held to
+it with `torch.equal` in tests/test_triton_gather.py.
+
+The hash is unsigned 64-bit: every value is `tl.uint64`, so `*` wraps modulo 2**64, `>>` is logical,
+and `%`, `//` and `>=` are unsigned, both compiled (the sm_90 PTX has `shr.u64`, `rem.u64`, `div.u64`,
+and `mul.lo` with the constants' exact bits) and in the interpreter (numpy uint64 arrays). Scalar
+arguments arrive as int64 holding the same 64 bits and are cast with `.to(tl.uint64)`, which
+sign-extends, so a value the interpreter types as int32 or uint32 gets the bits the compiled kernel's
+int64 has.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from gpuload.sampling import (FEISTEL_ROUNDS, MASK64, MIX_C1, MIX_C2, SALT_RANDOM, SALT_SHUFFLE, SAMPLING_MODES,
+                              feistel_half_bits, to_signed, windows_per_epoch)
+
+# Module globals used inside @triton.jit must be constexpr. Values >= 2**63 become uint64 constants.
+_MIX_C1 = tl.constexpr(MIX_C1)
+_MIX_C2 = tl.constexpr(MIX_C2)
+_SALT_RANDOM = tl.constexpr(SALT_RANDOM)
+_SALT_SHUFFLE = tl.constexpr(SALT_SHUFFLE)
+
+# The kernel unrolls the Feistel rounds with one key per round; a new round count is a new contract.
+assert FEISTEL_ROUNDS == 6, "triton_gather unrolls exactly 6 Feistel rounds; update _feistel_encrypt"
+
+# Same numbering as csrc/sampling.h's enum Sampling.
+_MODE_IDS = {"random": 0, "shuffle": 1, "sequential": 2}
+
+# Tokens are read as unsigned so values >= 2**15 / 2**31 zero-extend; signed views share the bits.
+_TOKEN_DTYPES = {torch.uint16: torch.uint16, torch.int16: torch.uint16,
+                 torch.uint32: torch.uint32, torch.int32: torch.uint32}
+
+# Column-block heuristic: grow BLOCK only once there are enough programs to fill the GPU (132 SMs on
+# an H100 x ~8 resident CTAs ~= 1024); 2048 tokens x (8 B + 8 B) written = 32 KiB per program caps it.
+_TARGET_PROGRAMS = 1024
+_MIN_BLOCK = 16
+_MAX_BLOCK = 2048
+
+
+@triton.jit
+def _mix64(x):
+    # SplitMix64 finalizer on uint64: wrapping multiplies, logical shifts.
+    x = (x ^ (x >> 30)) * _MIX_C1
+    x = (x ^ (x >> 27)) * _MIX_C2
+    return x ^ (x >> 31)
+
+
+@triton.jit
+def _feistel_encrypt(x, half, mask, k0, k1, k2, k3, k4, k5):
+    left = x >> half
+    right = x & mask
+    left, right = right, left ^ (_mix64(right ^ k0) & mask)
+    left, right = right, left ^ (_mix64(right ^ k1) & mask)
+    left, right = right, left ^ (_mix64(right ^ k2) & mask)
+    left, right = right, left ^ (_mix64(right ^ k3) & mask)
+    left, right = right, left ^ (_mix64(right ^ k4) & mask)
+    left, right = right, left ^ (_mix64(right ^ k5) & mask)
+    return (left << half) | right
+
+
+@triton.jit
+def _window_start(seed, step, row, global_batch, num_tokens, num_windows, seq_len, half, SAMPLING: tl.constexpr):
+    """Window start of global row `row` at `step`; every argument and the result are uint64 scalars."""
+    if SAMPLING == 0:
+        h = _mix64(_mix64(_mix64(seed ^ _SALT_RANDOM) + step) + row)
+        start = (h >> 1) % (num_tokens - seq_len)
+    else:
+        w = step * global_batch + row
+        if SAMPLING == 2:
+            start = (w % num_windows) * seq_len
+        else:
+            epoch = w // num_windows
+            index = w - epoch * num_windows
+            key_base = epoch * 6 + _mix64(seed ^ _SALT_SHUFFLE)
+            k0 = _mix64(key_base)
+            k1 = _mix64(key_base + 1)
+            k2 = _mix64(key_base + 2)
+            k3 = _mix64(key_base + 3)
+            k4 = _mix64(key_base + 4)
+            k5 = _mix64(key_base + 5)
+            mask = (tl.full((), 1, tl.uint64) << half) - 1
+            # Cycle walking: the domain 4**half is < 4 * num_windows, so ~1.3 walks on average; the
+            # scalar loop is per program (one row), so lanes never diverge.
+            x = _feistel_encrypt(index, half, mask, k0, k1, k2, k3, k4, k5)
+            while x >= num_windows:
+                x = _feistel_encrypt(x, half, mask, k0, k1, k2, k3, k4, k5)
+            start = x * seq_len
+    return start
+
+
+@triton.jit(do_not_specialize=["seed", "step", "row0", "token_offset"])
+def _gather_batch_kernel(
+    tokens_ptr,
+    x_ptr,
+    y_ptr,
+    starts_ptr,
+    step_ptr,
+    seed: tl.int64,
+    step: tl.int64,
+    row0: tl.int64,
+    global_batch: tl.int64,
+    num_tokens: tl.int64,
+    num_windows: tl.int64,
+    seq_len: tl.int64,
+    feistel_half: tl.int64,
+    token_offset: tl.int64,
+    num_resident: tl.int64,
+    num_col_blocks: tl.int64,
+    SAMPLING: tl.constexpr,
+    STEP_FROM_PTR: tl.constexpr,
+    WRITE_STARTS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    # Flat 1-D grid, column blocks of a row adjacent: neighbouring programs read neighbouring tokens
+    # and there is no 65535 limit on rows as there would be on grid axis 1.
+    pid = tl.program_id(0).to(tl.int64)
+    row = pid // num_col_blocks
+    col_block = pid - row * num_col_blocks
+
+    # The step lives on the device when the launch is captured in a CUDA graph and replayed.
+    if STEP_FROM_PTR:
+        step_u = tl.load(step_ptr).to(tl.uint64)
+    else:
+        step_u = step.to(tl.uint64)
+    # Scalar work per program (sm_90 PTX: 7 multiplies and one u64 remainder for random, 41 multiplies
+    # for shuffle plus 12 per extra walk), redone by each column block rather than staged through
+    # memory: cheaper than a second launch or a grid-wide barrier.
+    start_u = _window_start(seed.to(tl.uint64), step_u, (row0 + row).to(tl.uint64),
+                            global_batch.to(tl.uint64), num_tokens.to(tl.uint64), num_windows.to(tl.uint64),
+                            seq_len.to(tl.uint64), feistel_half.to(tl.uint64), SAMPLING)
+    # start < num_tokens < 2**63, so the int64 with the same bits is the same number.
+    start = start_u.to(tl.int64, bitcast=True)
+    if WRITE_STARTS:
+        tl.store(starts_ptr + row, start, mask=col_block == 0)
+
+    # One scalar residency test per row, folded into the column bound so the element masks stay
+    # uniform across BLOCK; a window outside the resident span is never read and comes out as -1,
+    # which no token can be, instead of an illegal address.
+    src0 = start - token_offset
+    resident = (src0 >= 0) & (src0 + seq_len + 1 <= num_resident)
+    read_limit = tl.where(resident, seq_len, 0)
+
+    cols = col_block * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    in_row = cols < seq_len
+    readable = cols < read_limit
+    src = tokens_ptr + src0 + cols
+    # x and y share T of their T+1 tokens: the second load hits the lines the first brought into L1,
+    # so DRAM/L2 traffic is one read of the window; the bytes are dominated by the 16 B/token written.
+    x_tok = tl.where(readable, tl.load(src, mask=readable, other=0).to(tl.int64), -1)
+    y_tok = tl.where(readable, tl.load(src + 1, mask=readable, other=0).to(tl.int64), -1)
+
+    out = row * seq_len + cols
+    tl.store(x_ptr + out, x_tok.to(x_ptr.dtype.element_ty), mask=in_row)
+    tl.store(y_ptr + out, y_tok, mask=in_row)
+
+
+def _block_size(batch: int, seq_len: int) -> int:
+    block = triton.next_power_of_2(max(1, batch * seq_len // _TARGET_PROGRAMS))
+    block = min(block, _MAX_BLOCK, triton.next_power_of_2(seq_len))
+    return max(block, _MIN_BLOCK)
+
+
+def gather_batch_forward(tokens, x, y, starts, step_tensor, mode_id, seed, step, row0, global_batch, num_tokens,
+                         seq_len, token_offset, block):
+    """Launch the kernel on validated arguments: `tokens` unsigned 1-D, `seed`/`step` as int64 bits."""
+    num_col_blocks = triton.cdiv(seq_len, block)
+    num_windows = windows_per_epoch(num_tokens, seq_len)
+    batch = x.shape[0]
+    # 8 tokens per thread: x and y go out as 16 B vector stores when T % 16 == 0 (Triton specializes
+    # seq_len on it); token loads stay scalar, since a window start has no known alignment, but each
+    # warp instruction still covers one contiguous stretch.
+    num_warps = max(1, min(8, block // 256))
+    _gather_batch_kernel[(batch * num_col_blocks,)](
+        tokens, x, y,
+        starts if starts is not None else y,
+        step_tensor if step_tensor is not None else y,
+        seed, step, row0, global_batch, num_tokens, num_windows, seq_len, feistel_half_bits(num_windows),
+        token_offset, tokens.numel(), num_col_blocks,
+        SAMPLING=mode_id,
+        STEP_FROM_PTR=step_tensor is not None,
+        WRITE_STARTS=starts is not None,
+        BLOCK=block,
+        num_warps=num_warps,
+    )
+    return x, y
+
+
+def interpreter_active() -> bool:
+    """True when this module's kernel was built by Triton's CPU interpreter (TRITON_INTERPRET=1)."""
+    return type(_gather_batch_kernel).__name__ == "InterpretedFunction"
+
+
+def _check_out(name, out, shape, dtype, device):
+    if out is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != tuple(shape) or out.dtype != dtype:
+        found = f"{tuple(out.shape)} {out.dtype}" if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"gather_batch_triton: {name} must be a {tuple(shape)} {dtype} tensor, found {found}")
+    if out.device != device or not out.is_contiguous():
+        raise ValueError(f"gather_batch_triton: {name} must be contiguous on {device}, found "
+                         f"{'contiguous' if out.is_contiguous() else 'strided'} on {out.device}")
+    return out
+
+
+def gather_batch_triton(tokens: torch.Tensor, sampling: str, seed: int, step, row0: int, batch: int,
+                        global_batch: int, num_tokens: int, seq_len: int, out_x: torch.Tensor | None = None,
+                        out_y: torch.Tensor | None = None, input_dtype: torch.dtype = torch.int64,
+                        token_offset: int = 0, out_starts: torch.Tensor | None = None,
+                        block_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows row0 .. row0+batch-1 of the global batch at `step`, in one launch: (x (B, T), y (B, T)).
+
+    `tokens` holds stream positions [token_offset, token_offset + len(tokens)) of a stream of
+    `num_tokens` tokens: 1-D contiguous uint16 or uint32 (int16 / int32 are taken as the same bits,
+    i.e. as views of unsigned tokens). The caller guarantees every window is resident; a window that
+    is not comes out as rows of -1. `seed` and `step` are taken modulo 2**64 (like csrc/sampling.h);
+    `step` is a non-negative int or a 1-element int64 tensor on the tokens' device (read by the kernel,
+    so a captured CUDA graph replays with the step advanced in place). `out_starts`, if given, is a
+    (batch,) int64 tensor that receives the window starts. `block_size` overrides the column block.
+    """
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 1 or tokens.dtype not in _TOKEN_DTYPES:
+        found = f"{tokens.dim()}-D {tokens.dtype}" if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+        raise ValueError(f"gather_batch_triton: tokens must be a 1-D uint16/uint32 tensor (or an int16/int32 view "
+                         f"of one), found {found}")
+    if tokens.stride(0) != 1:
+        raise ValueError("gather_batch_triton: tokens must be contiguous (stride 1); pass tokens.contiguous()")
+    device = tokens.device
+    if device.type != "cuda" and not interpreter_active():
+        raise RuntimeError(f"gather_batch_triton: tokens are on {device}, and Triton kernels run on a CUDA device; "
+                           "to run on the CPU set TRITON_INTERPRET=1 before importing triton, or move the tokens "
+                           "to a CUDA device")
+    if sampling not in _MODE_IDS:
+        raise ValueError(f"gather_batch_triton: unknown sampling {sampling!r}; expected one of {SAMPLING_MODES}")
+    if input_dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"gather_batch_triton: input_dtype must be torch.int64 or torch.int32, found {input_dtype}")
+    if seq_len < 1 or batch < 1 or row0 < 0 or global_batch < row0 + batch:
+        raise ValueError(f"gather_batch_triton: need seq_len >= 1, batch >= 1, 0 <= row0 and row0 + batch <= "
+                         f"global_batch; found seq_len={seq_len}, batch={batch}, row0={row0}, "
+                         f"global_batch={global_batch}")
+    if not seq_len + 1 <= num_tokens < 1 << 63:
+        raise ValueError(f"gather_batch_triton: num_tokens={num_tokens} must be in [seq_len + 1, 2**63) for "
+                         f"seq_len={seq_len}: a window is seq_len + 1 tokens")
+    if token_offset < 0 or token_offset + tokens.numel() > num_tokens or tokens.numel() < seq_len + 1:
+        raise ValueError(f"gather_batch_triton: tokens ({tokens.numel()} at stream position {token_offset}) must "
+                         f"hold at least one window of {seq_len + 1} tokens and lie inside the stream of "
+                         f"{num_tokens} tokens")
+    if isinstance(step, torch.Tensor):
+        if step.dtype != torch.int64 or step.numel() != 1 or step.device != device:
+            raise ValueError(f"gather_batch_triton: a tensor step must be one int64 value on {device}, found "
+                             f"{step.numel()} x {step.dtype} on {step.device}")
+        step_tensor, step_bits = step, 0
+    else:
+        step = int(step)
+        if not 0 <= step <= MASK64:
+            raise ValueError(f"gather_batch_triton: step must be in [0, 2**64), found {step}")
+        step_tensor, step_bits = None, to_signed(step)
+    if block_size is None:
+        block_size = _block_size(batch, seq_len)
+    elif block_size < 1 or block_size & (block_size - 1):
+        raise ValueError(f"gather_batch_triton: block_size must be a power of two, found {block_size}")
+
+    x = _check_out("out_x", out_x, (batch, seq_len), input_dtype, device)
+    y = _check_out("out_y", out_y, (batch, seq_len), torch.int64, device)
+    starts = None if out_starts is None else _check_out("out_starts", out_starts, (batch,), torch.int64, device)
+    tokens = tokens.view(_TOKEN_DTYPES[tokens.dtype])
+    launch = (tokens, x, y, starts, step_tensor, _MODE_IDS[sampling], to_signed(int(seed)), step_bits, row0,
+              global_batch, num_tokens, seq_len, token_offset, block_size)
+    if device.type == "cuda":
+        # Triton launches on the current device; make it the tokens' one.
+        with torch.cuda.device(device):
+            return gather_batch_forward(*launch)
+    return gather_batch_forward(*launch)
