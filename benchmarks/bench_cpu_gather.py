@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -21,7 +20,8 @@ import time
 import numpy as np
 import torch
 
-from gpuload import GPULoader, __version__, native
+from gpuload import GPULoader, native
+from gpuload.machine import machine_info, machine_line
 
 
 def nanogpt_get_batch(path: str, batch_size: int, block_size: int):
@@ -80,17 +80,6 @@ def quantile(values, q):
     return float(np.quantile(np.asarray(values), q))
 
 
-def machine_line() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return (f"CPU: {cpu} ({os.cpu_count()} cores), python {platform.python_version()}, torch {torch.__version__}, "
-            f"numpy {np.__version__}, gpuload {__version__} (native: {native.available()})")
-
-
 def write_token_file(path: str, num_tokens: int) -> None:
     """A headerless uint16 .bin as nanoGPT's prepare.py writes it, filled with random tokens."""
     rng = np.random.default_rng(0)
@@ -133,13 +122,13 @@ def main(argv=None) -> dict:
             "cpu_us": statistics.median(s["cpu"]), "tokens_per_s": tokens_per_batch / median * 1e6,
             "speedup_vs_nanogpt": base / median,
         })
-    machine = machine_line()
+    machine = machine_info()
     print(f"{num_tokens:,} tokens, B={args.batch_size}, T={args.seq_len}, {args.rounds} rounds x {args.per_round} batches")
     print(f"{'provider':<22} {'median us':>10} {'p10-p90 us':>16} {'cpu us':>9} {'Mtok/s':>8} {'vs nanogpt':>11}")
     for r in rows:
         print(f"{r['provider']:<22} {r['median_us']:>10.1f} {r['p10_us']:>7.1f}-{r['p90_us']:<8.1f} {r['cpu_us']:>9.1f} "
               f"{r['tokens_per_s'] / 1e6:>8.1f} {r['speedup_vs_nanogpt']:>10.1f}x")
-    print(machine)
+    print(machine_line(machine))
     result = {"benchmark": "cpu_gather", "command": " ".join([os.path.basename(sys.argv[0])] + (argv or sys.argv[1:])),
               "num_tokens": num_tokens, "rounds": args.rounds, "per_round": args.per_round,
               "machine": machine, "rows": rows}

@@ -20,6 +20,8 @@ import time
 
 import torch
 
+from gpuload.machine import machine_info, machine_line
+
 SAMPLINGS = ("random", "sequential", "shuffle")
 
 
@@ -55,18 +57,6 @@ def time_ms(fn, device: str) -> tuple[float, float, float]:
         samples.append((time.perf_counter() - t0) * 1e3)
     samples.sort()
     return samples[1], samples[0], samples[-1]
-
-
-def machine_line(device: str) -> str:
-    import triton
-
-    if device == "cuda":
-        props = torch.cuda.get_device_properties(0)
-        gpu = (f"GPU: {props.name} ({props.multi_processor_count} SMs, {props.total_memory / 2**30:.0f} GiB), "
-               f"CUDA {torch.version.cuda}")
-    else:
-        gpu = "CPU only: Triton interpreter (timings are not kernel timings)"
-    return f"{gpu}, torch {torch.__version__}, triton {triton.__version__}"
 
 
 def torch_gather(tokens, sampling, seed, step, batch, num_tokens, seq_len, input_dtype):
@@ -156,7 +146,7 @@ def main(argv=None) -> dict:
             })
         del x, y, copy_src, copy_dst
 
-    machine = machine_line(device)
+    machine = machine_info()
     print(f"stream {num_tokens:,} uint16 tokens, T={seq_len}, x {args.x_dtype}, y int64")
     print(f"{'provider':<18} {'B*T':>10} {'median ms':>10} {'p10-p90 ms':>19} {'GB/s':>8} {'of copy':>8} "
           f"{'Gtok/s':>8} {'vs torch':>9}")
@@ -164,7 +154,7 @@ def main(argv=None) -> dict:
         print(f"{r['provider']:<18} {r['tokens']:>10,} {r['median_ms']:>10.4f} {r['p10_ms']:>9.4f}-{r['p90_ms']:<9.4f} "
               f"{r['gb_per_s']:>8.1f} {r['of_copy']:>8.2f} {r['tokens_per_s'] / 1e9:>8.2f} "
               f"{r['speedup_vs_torch']:>8.1f}x")
-    print(machine)
+    print(machine_line(machine))
     result = {"benchmark": "kernels", "command": " ".join([os.path.basename(sys.argv[0])] + (argv or sys.argv[1:])),
               "stream_tokens": num_tokens, "machine": machine, "rows": rows}
     if args.json:
