@@ -7,7 +7,6 @@ import platform
 import subprocess
 
 import numpy as np
-import torch
 
 
 def _cpu_model() -> str:
@@ -29,6 +28,8 @@ def _driver_version() -> str | None:
 
 def machine_info() -> dict:
     """Facts about this machine and the libraries in use (GPU fields are None without CUDA)."""
+    import torch
+
     from gpuload import __version__, native
 
     try:

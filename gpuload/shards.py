@@ -40,31 +40,43 @@ def _is_pattern(text: str) -> bool:
     return any(ch in text for ch in "*?[")
 
 
-def resolve_paths(files: Union[PathLike, Iterable[PathLike]]) -> list[str]:
-    """Expand a path, a glob, a directory, or a list of these into an ordered list of shard files."""
+def _directory_shards(directory: str, mixed_splits_ok: bool) -> list[str]:
+    """The .bin/.npy files of a directory in natural order; refuses a mix of train and val splits unless told."""
+    names = sorted((name for name in os.listdir(directory)
+                    if name.endswith(SHARD_SUFFIXES) and os.path.isfile(os.path.join(directory, name))),
+                   key=natural_key)
+    if not names:
+        raise FileNotFoundError(f"directory {directory!r} holds no shard files (expected names ending in .bin or .npy)")
+    train = [n for n in names if n.startswith("train")]
+    val = [n for n in names if n.startswith("val")]
+    if train and val and not mixed_splits_ok:
+        raise ValueError(
+            f"directory {directory!r} holds both training ({train[0]}, ...) and validation ({val[0]}, ...) shards; "
+            f"reading both would train on the validation split. Pass {os.path.join(directory, 'train_*.bin')!r} "
+            f"or {os.path.join(directory, 'val_*.bin')!r} instead.")
+    return [os.path.join(directory, n) for n in names]
+
+
+def resolve_paths(files: Union[PathLike, Iterable[PathLike]], mixed_splits_ok: bool = False) -> list[str]:
+    """Expand a path, a glob, a directory, or a list of these into an ordered list of shard files.
+
+    A directory holding both train_* and val_* shards is refused unless `mixed_splits_ok` (for listing them).
+    """
     items = [files] if isinstance(files, (str, os.PathLike)) else list(files)
     if not items:
         raise FileNotFoundError("no shard files given: pass a path, a glob, a directory or a list of paths")
     paths: list[str] = []
     for item in items:
         text = os.fspath(item)
-        if _is_pattern(text):
+        if os.path.isfile(text):  # before the glob test: a real file may have '[' in its name
+            paths.append(text)
+        elif os.path.isdir(text):
+            paths.extend(_directory_shards(text, mixed_splits_ok))
+        elif _is_pattern(text):
             matches = sorted((p for p in glob.glob(text) if os.path.isfile(p)), key=natural_key)
             if not matches:
                 raise FileNotFoundError(f"no files match the pattern {text!r}")
             paths.extend(matches)
-        elif os.path.isdir(text):
-            matches = sorted(
-                (os.path.join(text, name) for name in os.listdir(text)
-                 if name.endswith(SHARD_SUFFIXES) and os.path.isfile(os.path.join(text, name))),
-                key=natural_key,
-            )
-            if not matches:
-                raise FileNotFoundError(
-                    f"directory {text!r} holds no shard files (expected names ending in .bin or .npy)")
-            paths.extend(matches)
-        elif os.path.isfile(text):
-            paths.append(text)
         else:
             raise FileNotFoundError(f"no such shard file or directory: {text!r}")
     return paths

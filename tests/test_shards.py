@@ -151,3 +151,17 @@ def test_too_few_tokens_for_one_window(make_shards):
         GPULoader(paths, batch_size=1, seq_len=16, device="cpu")
     assert "shard_0.bin" in str(info.value)
     GPULoader(paths, batch_size=1, seq_len=15, device="cpu")  # exactly seq_len + 1 tokens is enough
+
+
+def test_file_name_with_glob_characters(tmp_path):
+    path = tmp_path / "data[1].bin"
+    write_shard(path, np.arange(10, dtype=np.uint16))
+    assert resolve_paths(str(path)) == [str(path)]
+
+
+def test_directory_with_train_and_val_splits_is_refused(tmp_path):
+    write_shard(tmp_path / "train_000000.bin", np.arange(100, dtype=np.uint16))
+    write_shard(tmp_path / "val_000000.bin", np.arange(100, dtype=np.uint16))
+    with pytest.raises(ValueError, match="train_\\*.bin"):
+        resolve_paths(str(tmp_path))
+    assert resolve_paths(str(tmp_path / "train_*.bin")) == [str(tmp_path / "train_000000.bin")]
