@@ -210,6 +210,61 @@ class TokenStream:
             shard += 1
         return out
 
+    def read_into(self, out: np.ndarray, start: int) -> None:
+        """Tokens [start, start+len(out)) into `out` (1-D, stream dtype) by pread on the files, not the memmap.
+
+        A shard truncated under a memmap turns the next read into SIGBUS, which kills the process; pread
+        returns a short count, reported here as OSError. The files are opened on first use and kept open,
+        so, like the memmap, a shard deleted or replaced after that still reads its original content.
+        """
+        if not isinstance(out, np.ndarray) or out.ndim != 1 or out.dtype != self.dtype:
+            found = f"{out.dtype} {out.shape}" if isinstance(out, np.ndarray) else type(out).__name__
+            raise ValueError(f"read_into: expected a 1-D {self.dtype} array, found {found}")
+        if not (out.flags.c_contiguous and out.flags.writeable):
+            raise ValueError("read_into: `out` must be C-contiguous and writeable; pass np.empty(n, dtype=stream.dtype)")
+        count = out.size
+        if start < 0 or start > self.num_tokens or count > self.num_tokens - start:
+            raise IndexError(f"tokens [{start}, {start + count}) outside the stream of {self.num_tokens}")
+        if count == 0:
+            return
+        files = self.__dict__.setdefault("_read_files", {})  # shard index -> unbuffered file, opened once
+        view = memoryview(out).cast("B")
+        itemsize = self.dtype.itemsize
+        shard = int(np.searchsorted(self.starts, start, side="right")) - 1
+        done = 0
+        while done < count:
+            info = self.shards[shard]
+            local = start + done - int(self.starts[shard])
+            take = min(count - done, info.num_tokens - local)
+            f = files.get(shard)
+            if f is None:
+                try:
+                    f = files.setdefault(shard, open(info.path, "rb", buffering=0))
+                except OSError as e:
+                    raise type(e)(e.errno, f"{info.path}: cannot open the shard ({e.strerror}); it was moved or "
+                                           f"deleted since the stream was opened. Restore it, or reopen the stream.") from e
+            first = info.offset + local * itemsize
+            want = take * itemsize
+            got = 0
+            while got < want:  # os.preadv fills `out` in place and releases the GIL; a read may come back short
+                try:
+                    n = os.preadv(f.fileno(), [view[done * itemsize + got:(done + take) * itemsize]], first + got)
+                except OSError as e:
+                    raise type(e)(e.errno, f"{info.path}: read failed at byte offset {first + got}: expected {want} "
+                                           f"bytes from offset {first}, got {got} ({e.strerror}). Check the disk "
+                                           f"(dmesg) and restore the shard, then restart from the last checkpoint.") from e
+                if n == 0:
+                    size = os.fstat(f.fileno()).st_size
+                    raise OSError(
+                        f"{info.path}: unexpected end of file at byte offset {first + got}: expected {want} bytes "
+                        f"from offset {first}, got {got}; the file now holds {size} bytes, the stream expects "
+                        f"{info.offset + info.num_tokens * itemsize}. The shard was truncated or changed while "
+                        f"training: restore it (or re-create it with the same content) and restart from the last "
+                        f"checkpoint.")
+                got += n
+            done += take
+            shard += 1
+
     def fingerprint(self) -> str:
         """A short identity of the dataset: shard names, sizes, width and sampled tokens (cheap to compute)."""
         h = hashlib.sha256()
