@@ -37,7 +37,7 @@ ext_modules = []
 if Pybind11Extension is not None and os.environ.get("GPULOAD_NO_NATIVE") != "1":
     ext_modules.append(Pybind11Extension(
         "gpuload._native",
-        ["csrc/bindings.cpp", "csrc/gather.cpp", "csrc/fill.cpp"],
+        ["csrc/bindings.cpp", "csrc/gather.cpp"],
         include_dirs=["csrc"],
         cxx_std=17,
         extra_compile_args=["-O3"],

@@ -1,7 +1,6 @@
-"""Bulk fill from the page cache into a ring-sized buffer: native pread fill vs Python vs memmap vs memcpy.
+"""Bulk fill from the page cache into a ring-sized buffer: pread (read_into) vs memmap copy vs memcpy.
 
     python benchmarks/bench_fill.py                  # 8 shards x 64M uint16 tokens (1 GiB), 256 MiB fills
-    python benchmarks/bench_fill.py --sweep          # also: native fill time by request size
     python benchmarks/bench_fill.py --cold           # shards evicted from the page cache before every fill
     python benchmarks/bench_fill.py --quick          # smoke mode (a few MB, seconds), used by the tests
 
@@ -24,7 +23,6 @@ import time
 
 import numpy as np
 
-from gpuload import native
 from gpuload.machine import machine_info, machine_line
 from gpuload.shards import TokenStream, write_shard
 
@@ -76,20 +74,14 @@ def memmap_copy(stream: TokenStream, dst: np.ndarray, start: int) -> None:
         shard += 1
 
 
-def make_providers(stream: TokenStream, fill_tokens: int, thread_counts: list[int]) -> dict:
+def make_providers(stream: TokenStream, fill_tokens: int) -> dict:
     """name -> fn(dst, start) that fills dst with tokens [start, start + fill_tokens)."""
     floor_src = np.ones(fill_tokens, dtype=stream.dtype)  # touched: no page faults inside the timing
-    providers = {"floor-memcpy": lambda dst, start: np.copyto(dst, floor_src)}
-    files = native.open_native_files(stream)
-    if files is not None:
-        for t in thread_counts:
-            providers[f"native-t{t}" if t else "native-auto"] = (
-                lambda dst, start, t=t: files.fill(dst.ctypes.data, start, dst.size, t))
-        advised = native.open_native_files(stream, advise=True)  # + fadvise SEQUENTIAL / WILLNEED
-        providers["native-auto-advise"] = lambda dst, start: advised.fill(dst.ctypes.data, start, dst.size, 0)
-    providers["python-read_into"] = lambda dst, start: stream.read_into(dst, start)
-    providers["memmap-copyto"] = lambda dst, start: memmap_copy(stream, dst, start)
-    return providers
+    return {
+        "floor-memcpy": lambda dst, start: np.copyto(dst, floor_src),
+        "python-read_into": lambda dst, start: stream.read_into(dst, start),
+        "memmap-copyto": lambda dst, start: memmap_copy(stream, dst, start),
+    }
 
 
 def fill_starts(num_tokens: int, fill_tokens: int, count: int) -> list[int]:
@@ -130,23 +122,6 @@ def time_providers(providers: dict, dst: np.ndarray, starts: list[int], rounds: 
     return samples
 
 
-def sweep_request_sizes(stream: TokenStream, dst: np.ndarray, starts: list[int], sizes_kib: list[int],
-                        rounds: int) -> list[dict]:
-    """Native fill (auto threads) by request size, interleaved in rounds like the main table."""
-    files = {kib: native.open_native_files(stream, request_bytes=kib << 10) for kib in sizes_kib}
-    times = {kib: [] for kib in sizes_kib}
-    for r in range(rounds):
-        for kib, f in files.items():
-            start = starts[r % len(starts)]
-            t0 = time.perf_counter()
-            f.fill(dst.ctypes.data, start, dst.size, 0)
-            times[kib].append(time.perf_counter() - t0)
-    nbytes = dst.nbytes
-    return [{"request_kib": kib, "threads": files[kib].auto_threads(dst.size), "median_gbs": nbytes / statistics.median(t) / 1e9,
-             "p10_gbs": nbytes / quantile(t, 0.9) / 1e9, "p90_gbs": nbytes / quantile(t, 0.1) / 1e9}
-            for kib, t in times.items()]
-
-
 def quantile(values, q):
     return float(np.quantile(np.asarray(values), q))
 
@@ -156,10 +131,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--shards", type=int, default=8)
     parser.add_argument("--shard-tokens", type=int, default=64 << 20, help="uint16 tokens per shard")
     parser.add_argument("--fill-mib", type=float, default=256, help="bytes per fill (one ring chunk)")
-    parser.add_argument("--threads", default="1,2,4,0", help="native thread counts (0 = auto)")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--per-round", type=int, default=2, help="fills timed per provider per round")
-    parser.add_argument("--sweep", action="store_true", help="also time native fills by request size")
     parser.add_argument("--cold", action="store_true",
                         help="evict the shards from the page cache before every fill (reads hit the disk)")
     parser.add_argument("--data", help="directory to write the shards in (default: a temporary one)")
@@ -168,7 +141,6 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     if args.quick:
         args.shards, args.shard_tokens, args.fill_mib, args.rounds, args.per_round = 4, 1 << 19, 1, 2, 1
-    thread_counts = [int(t) for t in args.threads.split(",")]
     fill_tokens = int(args.fill_mib * 2**20) // 2
 
     with tempfile.TemporaryDirectory(dir=args.data) as tmp:
@@ -184,13 +156,10 @@ def main(argv=None) -> dict:
         warm_page_cache(stream)
         dst = np.ones(fill_tokens, dtype=np.uint16)  # the ring chunk, touched once: no first-touch faults timed
         starts = fill_starts(stream.num_tokens, fill_tokens, 64)
-        providers = make_providers(stream, fill_tokens, thread_counts)
+        providers = make_providers(stream, fill_tokens)
         check(stream, providers, dst, starts[1])  # also warms the memmap's page tables and the Python path's files
         samples = time_providers(providers, dst, starts, args.rounds, args.per_round,
                                  before=(lambda: evict_page_cache(stream)) if args.cold else None)
-        sweep = (sweep_request_sizes(stream, dst, starts, [256, 1024, 4096, 16384, 65536], args.rounds * 2)
-                 if args.sweep and native.available() else [])
-        auto_threads = native.open_native_files(stream).auto_threads(fill_tokens) if native.available() else None
 
     nbytes = fill_tokens * 2
     floor = nbytes / statistics.median(samples["floor-memcpy"]["wall"])
@@ -205,21 +174,15 @@ def main(argv=None) -> dict:
         })
     machine = machine_info()
     print(f"{stream.num_tokens:,} uint16 tokens in {args.shards} shards ({stream.num_tokens * 2 / 2**20:,.0f} MiB, "
-          f"{'evicted before every fill' if args.cold else 'page cache'}), fills of {nbytes / 2**20:g} MiB, {args.rounds} rounds x {args.per_round} fills; "
-          f"native auto = {auto_threads} threads")
+          f"{'evicted before every fill' if args.cold else 'page cache'}), fills of {nbytes / 2**20:g} MiB, {args.rounds} rounds x {args.per_round} fills")
     print(f"{'provider':<18} {'GB/s':>7} {'p10-p90 GB/s':>14} {'ms/fill':>8} {'cpu ms':>8} {'Gtok/s':>7} {'vs floor':>9}")
     for r in rows:
         print(f"{r['provider']:<18} {r['median_gbs']:>7.2f} {r['p10_gbs']:>6.2f}-{r['p90_gbs']:<7.2f} {r['median_ms']:>8.2f} "
               f"{r['cpu_ms']:>8.2f} {r['tokens_per_s'] / 1e9:>7.2f} {r['vs_floor']:>8.2f}x")
-    if sweep:
-        print(f"\nnative fill by request size (auto threads)\n{'request':>9} {'threads':>8} {'GB/s':>7} {'p10-p90 GB/s':>14}")
-        for r in sweep:
-            print(f"{r['request_kib']:>6} KiB {r['threads']:>8} {r['median_gbs']:>7.2f} {r['p10_gbs']:>6.2f}-{r['p90_gbs']:<7.2f}")
     print(machine_line(machine))
     result = {"benchmark": "fill", "command": " ".join([os.path.basename(sys.argv[0])] + (argv or sys.argv[1:])),
               "num_tokens": stream.num_tokens, "shards": args.shards, "fill_bytes": nbytes, "rounds": args.rounds,
-              "per_round": args.per_round, "cold": args.cold, "native_auto_threads": auto_threads, "machine": machine, "rows": rows,
-              "request_sweep": sweep}
+              "per_round": args.per_round, "cold": args.cold, "machine": machine, "rows": rows}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

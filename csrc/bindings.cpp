@@ -6,12 +6,10 @@
 #include <stdexcept>
 #include <vector>
 
-#include "fill.h"
 #include "gather.h"
 
 namespace py = pybind11;
 using gpuload::Sampling;
-using gpuload::ShardFiles;
 using gpuload::ShardTable;
 
 namespace {
@@ -34,48 +32,6 @@ void check_shape(const ShardTable& t, int64_t seq_len) {
 
 PYBIND11_MODULE(_native, m) {
   m.doc() = "gpuload native host code: CPU window gather and window starts";
-
-  // A shard read failure becomes OSError (FileNotFoundError etc. when errno says so), like Python's own I/O.
-  py::register_exception_translator([](std::exception_ptr p) {
-    try {
-      if (p) std::rethrow_exception(p);
-    } catch (const gpuload::ShardReadError& e) {
-      if (e.err() == 0) return PyErr_SetString(PyExc_OSError, e.what());
-      py::object args = py::make_tuple(e.err(), e.what());
-      PyErr_SetObject(PyExc_OSError, args.ptr());
-    }
-  });
-
-  py::class_<ShardFiles>(m, "ShardFiles",
-                         "The shard files, opened once; fill() preads tokens of the stream into caller memory.")
-      .def(py::init<const std::vector<std::string>&, const std::vector<int64_t>&, const std::vector<int64_t>&, int,
-                    int64_t, bool>(),
-           py::arg("paths"), py::arg("offsets"), py::arg("counts"), py::arg("token_bytes"),
-           py::arg("request_bytes") = gpuload::kDefaultRequestBytes, py::arg("advise") = false)
-      .def("fill",
-           [](ShardFiles& f, uintptr_t dst, int64_t start, int64_t count, int threads) {
-             py::gil_scoped_release release;
-             f.fill(reinterpret_cast<void*>(dst), start, count, threads);
-           },
-           py::arg("dst"), py::arg("start"), py::arg("count"), py::arg("threads") = 0,
-           "Tokens [start, start+count) into the count * token_bytes bytes at address dst (threads=0: auto).")
-      .def("close", [](ShardFiles& f) {
-             py::gil_scoped_release release;  // waits for fills in flight, which need no GIL
-             f.close();
-           })
-      .def("__enter__", [](py::object self) { return self; })
-      .def("__exit__", [](ShardFiles& f, py::args) {
-             py::gil_scoped_release release;
-             f.close();
-           })
-      .def("auto_threads", &ShardFiles::auto_threads, py::arg("count"))
-      .def_property_readonly("num_tokens", &ShardFiles::num_tokens)
-      .def_property_readonly("token_bytes", &ShardFiles::token_bytes)
-      .def_property_readonly("request_bytes", &ShardFiles::request_bytes)
-      .def_property_readonly("advise", &ShardFiles::advise)
-      .def_property_readonly("num_files", &ShardFiles::num_files)
-      .def_property_readonly("closed", &ShardFiles::closed)
-      .def("__len__", &ShardFiles::num_tokens);
 
   py::class_<ShardTable>(m, "ShardTable")
       .def(py::init(&make_table), py::arg("base"), py::arg("start"), py::arg("token_bytes"))

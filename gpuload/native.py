@@ -36,13 +36,3 @@ def module():
             f"Reinstall with a C++ compiler present (pip install -e .) for the fast path.",
             RuntimeWarning, stacklevel=3)
     return None
-
-
-def open_native_files(stream, request_bytes: int | None = None, advise: bool = False):
-    """A native ShardFiles over the stream's shards (the bulk pread fill), or None without the extension."""
-    mod = module()
-    if mod is None:
-        return None
-    kw = {} if request_bytes is None else {"request_bytes": request_bytes}
-    return mod.ShardFiles([s.path for s in stream.shards], [s.offset for s in stream.shards],
-                          [s.num_tokens for s in stream.shards], stream.dtype.itemsize, advise=advise, **kw)

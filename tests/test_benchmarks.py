@@ -50,13 +50,10 @@ def test_cpu_gather_microbenchmark(benchmark, make_shards, backend):
 
 
 def test_bench_fill_quick(tmp_path, capsys):
-    from gpuload import native
-
     out = tmp_path / "result.json"
     result = load_benchmark("bench_fill").main(["--quick", "--json", str(out)])
     providers = [row["provider"] for row in result["rows"]]
-    native_rows = ["native-t1", "native-t2", "native-t4", "native-auto", "native-auto-advise"] if native.available() else []
-    assert providers == ["floor-memcpy", *native_rows, "python-read_into", "memmap-copyto"]
+    assert providers == ["floor-memcpy", "python-read_into", "memmap-copyto"]
     assert json.loads(out.read_text())["rows"] == result["rows"]
     for row in result["rows"]:
         assert row["median_gbs"] > 0 and row["p10_gbs"] <= row["median_gbs"] <= row["p90_gbs"]
