@@ -34,7 +34,11 @@ class OptionalBuildExt(build_ext):
 
 
 ext_modules = []
-if Pybind11Extension is not None and os.environ.get("GPULOAD_NO_NATIVE") != "1":
+if os.environ.get("GPULOAD_NO_NATIVE") == "1":
+    print("gpuload: GPULOAD_NO_NATIVE=1: native extension not built; using the pure-Python paths", file=sys.stderr)
+elif Pybind11Extension is None:
+    print("gpuload: pybind11 not found: native extension not built; using the pure-Python paths", file=sys.stderr)
+else:
     ext_modules.append(Pybind11Extension(
         "gpuload._native",
         ["csrc/bindings.cpp", "csrc/gather.cpp"],

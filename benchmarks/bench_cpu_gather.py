@@ -33,23 +33,8 @@ def nanogpt_get_batch(path: str, batch_size: int, block_size: int):
     return x, y
 
 
-def contiguous_copy(data: np.ndarray, batch_size: int, seq_len: int):
-    """The floor: the same bytes converted into fresh x and y from one contiguous span (no gather)."""
-    n = batch_size * seq_len
-    o = int(torch.randint(len(data) - n - 1, ()))
-    x = torch.empty((batch_size, seq_len), dtype=torch.int64)
-    y = torch.empty((batch_size, seq_len), dtype=torch.int64)
-    x.numpy().reshape(-1)[:] = data[o:o + n]
-    y.numpy().reshape(-1)[:] = data[o + 1:o + n + 1]
-    return x, y
-
-
 def make_providers(path: str, batch_size: int, seq_len: int) -> dict:
-    data = np.memmap(path, dtype=np.uint16, mode="r")
-    providers = {
-        "nanogpt": lambda: nanogpt_get_batch(path, batch_size, seq_len),
-        "floor-contiguous-copy": lambda: contiguous_copy(data, batch_size, seq_len),
-    }
+    providers = {"nanogpt": lambda: nanogpt_get_batch(path, batch_size, seq_len)}
     backends = ["torch"] + (["native"] if native.available() else [])
     for backend in backends:
         ld = GPULoader(path, batch_size=batch_size, seq_len=seq_len, sampling="random", seed=0, rank=0,
@@ -124,9 +109,9 @@ def main(argv=None) -> dict:
         })
     machine = machine_info()
     print(f"{num_tokens:,} tokens, B={args.batch_size}, T={args.seq_len}, {args.rounds} rounds x {args.per_round} batches")
-    print(f"{'provider':<22} {'median us':>10} {'p10-p90 us':>16} {'cpu us':>9} {'Mtok/s':>8} {'vs nanogpt':>11}")
+    print(f"{'provider':<16} {'median us':>10} {'p10-p90 us':>16} {'cpu us':>9} {'Mtok/s':>8} {'vs nanogpt':>11}")
     for r in rows:
-        print(f"{r['provider']:<22} {r['median_us']:>10.1f} {r['p10_us']:>7.1f}-{r['p90_us']:<8.1f} {r['cpu_us']:>9.1f} "
+        print(f"{r['provider']:<16} {r['median_us']:>10.1f} {r['p10_us']:>7.1f}-{r['p90_us']:<8.1f} {r['cpu_us']:>9.1f} "
               f"{r['tokens_per_s'] / 1e6:>8.1f} {r['speedup_vs_nanogpt']:>10.1f}x")
     print(machine_line(machine))
     result = {"benchmark": "cpu_gather", "command": " ".join([os.path.basename(sys.argv[0])] + (argv or sys.argv[1:])),

@@ -1,31 +1,57 @@
-// Python bindings (module gpuload._native). Raw pointers in, nothing allocated per call, GIL released.
+// Python bindings (module gpuload._native). No torch headers: outputs arrive as raw data pointers of
+// contiguous tensors the caller owns; nothing is allocated per call; the GIL is released while copying.
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
-#include <pybind11/stl.h>
 
 #include <cstdint>
 #include <stdexcept>
-#include <vector>
+#include <string>
 
 #include "gather.h"
 
 namespace py = pybind11;
 using gpuload::Sampling;
 using gpuload::ShardTable;
+using Int64Array = py::array_t<int64_t, py::array::c_style>;
 
 namespace {
 
-ShardTable make_table(const std::vector<uintptr_t>& base, const std::vector<int64_t>& start, int token_bytes) {
-  if (token_bytes != 2 && token_bytes != 4) throw std::invalid_argument("token_bytes must be 2 or 4");
-  if (start.size() != base.size() + 1 || base.empty()) throw std::invalid_argument("need len(start) == len(base) + 1 >= 2");
-  ShardTable t;
-  for (uintptr_t p : base) t.base.push_back(reinterpret_cast<const void*>(p));
-  t.start = start;
-  t.token_bytes = token_bytes;
+// The shard table plus references to the arrays it points into: a call in flight holds `self`, so
+// the memory maps outlive it even when the loader drops its own references (close()) meanwhile.
+struct BoundTable {
+  ShardTable table;
+  py::list arrays;
+};
+
+BoundTable make_table(const py::list& arrays) {
+  BoundTable t;
+  t.arrays = arrays;
+  t.table.start.push_back(0);
+  for (const py::handle& item : arrays) {
+    const py::array a = py::reinterpret_borrow<py::array>(item);
+    if (a.ndim() != 1 || !(a.flags() & py::array::c_style) || (a.itemsize() != 2 && a.itemsize() != 4))
+      throw std::invalid_argument("ShardTable: each shard must be a 1-D contiguous array of 2- or 4-byte tokens");
+    if (t.table.base.empty()) t.table.token_bytes = static_cast<int>(a.itemsize());
+    if (a.itemsize() != t.table.token_bytes) throw std::invalid_argument("ShardTable: shards mix token widths");
+    if (a.size() < 1) throw std::invalid_argument("ShardTable: empty shard");
+    t.table.base.push_back(a.data());
+    t.table.start.push_back(t.table.start.back() + a.size());
+  }
+  if (t.table.base.empty()) throw std::invalid_argument("ShardTable: no shards");
   return t;
 }
 
-void check_shape(const ShardTable& t, int64_t seq_len) {
-  if (seq_len < 1 || t.num_tokens() <= seq_len) throw std::invalid_argument("need num_tokens > seq_len >= 1");
+Sampling check_call(const BoundTable& t, int mode, int64_t row0, int64_t count, int64_t global_batch, int64_t seq_len) {
+  if (mode < 0 || mode > 2) throw std::invalid_argument("mode must be 0 (random), 1 (shuffle) or 2 (sequential)");
+  if (seq_len < 1 || t.table.num_tokens() <= seq_len) throw std::invalid_argument("need num_tokens > seq_len >= 1");
+  if (row0 < 0 || count < 0 || global_batch < row0 + count) throw std::invalid_argument("need 0 <= row0 and row0 + count <= global_batch");
+  return static_cast<Sampling>(mode);
+}
+
+void check_starts(const BoundTable& t, const int64_t* s, int64_t batch, int64_t seq_len) {
+  for (int64_t b = 0; b < batch; ++b)
+    if (s[b] < 0 || s[b] + seq_len >= t.table.num_tokens())
+      throw std::out_of_range("window start " + std::to_string(s[b]) + " outside the stream");
 }
 
 }  // namespace
@@ -33,45 +59,44 @@ void check_shape(const ShardTable& t, int64_t seq_len) {
 PYBIND11_MODULE(_native, m) {
   m.doc() = "gpuload native host code: CPU window gather and window starts";
 
-  py::class_<ShardTable>(m, "ShardTable")
-      .def(py::init(&make_table), py::arg("base"), py::arg("start"), py::arg("token_bytes"))
-      .def_property_readonly("num_tokens", &ShardTable::num_tokens)
+  py::class_<BoundTable>(m, "ShardTable")
+      .def(py::init(&make_table), py::arg("arrays"),
+           "Shards as 1-D token arrays (numpy memmaps) in stream order; they are kept alive by the table.")
+      .def_property_readonly("num_tokens", [](const BoundTable& t) { return t.table.num_tokens(); })
       .def("window_starts",
-           [](const ShardTable& t, int mode, uint64_t seed, uint64_t step, int64_t row0, int64_t count,
-              int64_t global_batch, int64_t seq_len, uintptr_t starts) {
-             check_shape(t, seq_len);
+           [](const BoundTable& t, int mode, uint64_t seed, uint64_t step, int64_t row0, int64_t global_batch,
+              int64_t seq_len, Int64Array out) {
+             const int64_t count = out.size();
+             const Sampling s = check_call(t, mode, row0, count, global_batch, seq_len);
+             int64_t* dst = out.mutable_data();
              py::gil_scoped_release release;
-             gpuload::window_starts(static_cast<Sampling>(mode), seed, step, row0, count, global_batch,
-                                    t.num_tokens(), seq_len, reinterpret_cast<int64_t*>(starts));
+             gpuload::window_starts(s, seed, step, row0, count, global_batch, t.table.num_tokens(), seq_len, dst);
            },
-           py::arg("mode"), py::arg("seed"), py::arg("step"), py::arg("row0"), py::arg("count"),
-           py::arg("global_batch"), py::arg("seq_len"), py::arg("starts"))
+           py::arg("mode"), py::arg("seed"), py::arg("step"), py::arg("row0"), py::arg("global_batch"),
+           py::arg("seq_len"), py::arg("out").noconvert())
       .def("gather",
-           [](const ShardTable& t, uintptr_t starts, int64_t batch, int64_t seq_len, uintptr_t x, bool x_int32,
-              uintptr_t y, int threads) {
-             check_shape(t, seq_len);
-             const auto* s = reinterpret_cast<const int64_t*>(starts);
-             for (int64_t b = 0; b < batch; ++b)
-               if (s[b] < 0 || s[b] + seq_len >= t.num_tokens()) throw std::out_of_range("window start outside the stream");
+           [](const BoundTable& t, Int64Array starts, int64_t seq_len, uintptr_t x, bool x_int32, uintptr_t y) {
+             check_call(t, 0, 0, 0, 0, seq_len);
+             const int64_t batch = starts.size();
+             check_starts(t, starts.data(), batch, seq_len);
              py::gil_scoped_release release;
-             gpuload::gather_windows(t, s, batch, seq_len,
-                                     reinterpret_cast<void*>(x), x_int32, reinterpret_cast<int64_t*>(y), threads);
+             gpuload::gather_windows(t.table, starts.data(), batch, seq_len, reinterpret_cast<void*>(x), x_int32,
+                                     reinterpret_cast<int64_t*>(y));
            },
-           py::arg("starts"), py::arg("batch"), py::arg("seq_len"), py::arg("x"), py::arg("x_int32"), py::arg("y"),
-           py::arg("threads") = 1)
+           py::arg("starts").noconvert(), py::arg("seq_len"), py::arg("x"), py::arg("x_int32"), py::arg("y"),
+           "x, y: data pointers of contiguous (len(starts), seq_len) tensors (x int32 or int64, y int64).")
       .def("sample_and_gather",
-           [](const ShardTable& t, int mode, uint64_t seed, uint64_t step, int64_t row0, int64_t batch,
-              int64_t global_batch, int64_t seq_len, uintptr_t starts, uintptr_t x, bool x_int32, uintptr_t y,
-              int threads) {
-             check_shape(t, seq_len);
+           [](const BoundTable& t, int mode, uint64_t seed, uint64_t step, int64_t row0, int64_t global_batch,
+              int64_t seq_len, Int64Array starts, uintptr_t x, bool x_int32, uintptr_t y) {
+             const int64_t batch = starts.size();
+             const Sampling s = check_call(t, mode, row0, batch, global_batch, seq_len);
+             int64_t* dst = starts.mutable_data();
              py::gil_scoped_release release;
-             auto* s = reinterpret_cast<int64_t*>(starts);
-             gpuload::window_starts(static_cast<Sampling>(mode), seed, step, row0, batch, global_batch,
-                                    t.num_tokens(), seq_len, s);
-             gpuload::gather_windows(t, s, batch, seq_len, reinterpret_cast<void*>(x), x_int32,
-                                     reinterpret_cast<int64_t*>(y), threads);
+             gpuload::window_starts(s, seed, step, row0, batch, global_batch, t.table.num_tokens(), seq_len, dst);
+             gpuload::gather_windows(t.table, dst, batch, seq_len, reinterpret_cast<void*>(x), x_int32,
+                                     reinterpret_cast<int64_t*>(y));
            },
-           py::arg("mode"), py::arg("seed"), py::arg("step"), py::arg("row0"), py::arg("batch"),
-           py::arg("global_batch"), py::arg("seq_len"), py::arg("starts"), py::arg("x"), py::arg("x_int32"),
-           py::arg("y"), py::arg("threads") = 1);
+           py::arg("mode"), py::arg("seed"), py::arg("step"), py::arg("row0"), py::arg("global_batch"),
+           py::arg("seq_len"), py::arg("starts").noconvert(), py::arg("x"), py::arg("x_int32"), py::arg("y"),
+           "Window starts of rows row0 .. row0+len(starts)-1 into `starts`, then their gather into x and y.");
 }

@@ -29,11 +29,12 @@ def write_demo_shards(directory: str) -> list[str]:
 
 def run_demo(directory: Optional[str] = None, batch_size: int = 4, seq_len: int = 16, steps: int = 3,
              sampling: str = "random", seed: int = 0) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        directory = directory or tmp
-        paths = write_demo_shards(directory)
-        loader = GPULoader(paths, batch_size=batch_size, seq_len=seq_len, sampling=sampling, seed=seed)
-        print(f"wrote {len(paths)} shards of {DEMO_SHARD_TOKENS} tokens (token = position) to {directory}")
+    if directory is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            return run_demo(tmp, batch_size, seq_len, steps, sampling, seed)
+    paths = write_demo_shards(directory)
+    print(f"wrote {len(paths)} shards of {DEMO_SHARD_TOKENS} tokens (token = position) to {directory}")
+    with GPULoader(paths, batch_size=batch_size, seq_len=seq_len, sampling=sampling, seed=seed) as loader:
         print(loader)
         for _ in range(steps):
             step = loader.step
@@ -43,5 +44,4 @@ def run_demo(directory: Optional[str] = None, batch_size: int = 4, seq_len: int 
                 row = x[b].tolist()
                 shown = row if len(row) <= 8 else row[:4] + ["..."] + row[-2:]
                 print(f"  row {b}: starts at token {row[0]:>6}: {shown}")
-        state = loader.state_dict()
-        print(f"state_dict(): {state}")
+        print(f"state_dict(): {loader.state_dict()}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 import os
 import warnings
 from typing import Optional
@@ -11,12 +12,12 @@ import torch
 
 from gpuload import native
 from gpuload.kernels.gather import gather_reference
-from gpuload.sampling import MASK64, SAMPLING_MODES, window_starts
+from gpuload.sampling import MASK64, SAMPLING_IDS, SAMPLING_MODES, check_domain, window_starts
 from gpuload.shards import TokenStream
 
 BACKENDS = ("auto", "torch", "native", "triton")
 STATE_FORMAT = "gpuload.loader/1"
-_NATIVE_MODE = {"random": 0, "shuffle": 1, "sequential": 2}  # csrc/sampling.h Sampling
+STATE_KEYS = ("format", "step", "seed", "sampling", "seq_len", "global_batch", "num_tokens", "dataset")
 
 
 def _env_int(name: str) -> Optional[int]:
@@ -27,6 +28,16 @@ def _env_int(name: str) -> Optional[int]:
         return int(value)
     except ValueError:
         raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def _as_int(name: str, value) -> int:
+    """An integer argument (int, numpy integer, ...); bool and float are refused rather than truncated."""
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be an integer, got {value!r}") from None
 
 
 def default_rank_world() -> tuple[int, int]:
@@ -42,9 +53,10 @@ def default_rank_world() -> tuple[int, int]:
 
 
 def default_device() -> torch.device:
-    """cuda:{LOCAL_RANK} when CUDA is available, else cpu."""
+    """cuda:{LOCAL_RANK} when CUDA is available (else the current CUDA device), else cpu."""
     if torch.cuda.is_available():
-        return torch.device("cuda", _env_int("LOCAL_RANK") or 0)
+        local_rank = _env_int("LOCAL_RANK")
+        return torch.device("cuda", torch.cuda.current_device() if local_rank is None else local_rank)
     return torch.device("cpu")
 
 
@@ -59,21 +71,20 @@ class GPULoader:
     def __init__(self, files, batch_size: int, seq_len: int, sampling: str = "random", seed: int = 0,
                  rank: Optional[int] = None, world_size: Optional[int] = None, device=None,
                  input_dtype: torch.dtype = torch.int64, backend: str = "auto", token_dtype=np.uint16):
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-        if not isinstance(seq_len, int) or seq_len < 1:
-            raise ValueError(f"seq_len must be an integer >= 1, got {seq_len!r}")
+        batch_size, seq_len, seed = _as_int("batch_size", batch_size), _as_int("seq_len", seq_len), _as_int("seed", seed)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if seq_len < 1:
+            raise ValueError(f"seq_len must be >= 1, got {seq_len}")
         if sampling not in SAMPLING_MODES:
             raise ValueError(f"sampling must be one of {SAMPLING_MODES}, got {sampling!r}")
         if input_dtype not in (torch.int64, torch.int32):
             raise ValueError(f"input_dtype must be torch.int64 or torch.int32, got {input_dtype}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        if not isinstance(seed, int):
-            raise ValueError(f"seed must be an integer, got {seed!r}")
         default_rank, default_world = default_rank_world()
-        rank = default_rank if rank is None else rank
-        world_size = default_world if world_size is None else world_size
+        rank = default_rank if rank is None else _as_int("rank", rank)
+        world_size = default_world if world_size is None else _as_int("world_size", world_size)
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
 
@@ -91,18 +102,19 @@ class GPULoader:
                 f"{', ...' if len(self.stream.paths) > 4 else ''}); a window needs seq_len + 1 = {seq_len + 1}. "
                 f"Use a smaller seq_len or more data.")
         self.num_tokens = self.stream.num_tokens
+        check_domain(0, self.global_batch, self.num_tokens)
         self.fingerprint = self.stream.fingerprint()
         self.backend = self._choose_backend(backend)
         self._rows = torch.arange(rank * batch_size, (rank + 1) * batch_size, dtype=torch.int64)
+        # What the backend reads tokens from: the device-resident stream, the native shard table (which keeps
+        # the memory maps alive while a call is in flight), or torch views of the memory maps.
         if self.backend == "triton":
-            self._device_tokens = self._load_resident_stream()
+            self._source = self._load_resident_stream()
         elif self.backend == "native":
-            self._table = native.module().ShardTable(
-                [a.ctypes.data for a in self.stream.arrays], self.stream.starts.tolist(), self.stream.dtype.itemsize)
+            self._source = native.module().ShardTable(self.stream.arrays)
             self._starts = np.empty(batch_size, dtype=np.int64)
-            self._threads = min(8, os.cpu_count() or 1)
         else:
-            self._shard_tensors = [_as_tensor(a) for a in self.stream.arrays]
+            self._source = [_as_tensor(a) for a in self.stream.arrays]
             self._shard_starts = torch.from_numpy(self.stream.starts)
 
     def _choose_backend(self, backend: str) -> str:
@@ -136,8 +148,6 @@ class GPULoader:
         return self
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.stream is None:
-            raise RuntimeError("the loader is closed; create a new GPULoader (and load_state_dict) to go on")
         x, y = self._produce(self.step)
         self.step += 1
         return x, y
@@ -147,22 +157,25 @@ class GPULoader:
         return window_starts(self.sampling, self.seed, step, self._rows, self.global_batch, self.num_tokens, self.seq_len)
 
     def _produce(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        source = self._source  # read once: close() may clear it from another thread meanwhile
+        if source is None:
+            raise RuntimeError("the loader is closed; create a new GPULoader (and load_state_dict) to go on")
         B, T = self.batch_size, self.seq_len
         if self.backend == "triton":
             from gpuload.kernels.triton_gather import gather_batch_triton
 
-            return gather_batch_triton(self._device_tokens, self.sampling, self.seed, step, self.rank * B, B,
+            return gather_batch_triton(source, self.sampling, self.seed, step, self.rank * B, B,
                                        self.global_batch, self.num_tokens, T, input_dtype=self.input_dtype)
         if self.backend == "native":
             # Pinned host memory lets the device copy below run asynchronously.
             pin = self.device.type == "cuda"
             x = torch.empty((B, T), dtype=self.input_dtype, pin_memory=pin)
             y = torch.empty((B, T), dtype=torch.int64, pin_memory=pin)
-            self._table.sample_and_gather(
-                _NATIVE_MODE[self.sampling], self.seed & MASK64, step, self.rank * B, B, self.global_batch, T,
-                self._starts.ctypes.data, x.data_ptr(), self.input_dtype == torch.int32, y.data_ptr(), self._threads)
+            source.sample_and_gather(
+                SAMPLING_IDS[self.sampling], self.seed & MASK64, step, self.rank * B, self.global_batch, T,
+                self._starts, x.data_ptr(), self.input_dtype == torch.int32, y.data_ptr())
         else:
-            x, y = gather_reference(self._shard_tensors, self._shard_starts, self.window_starts(step), T, self.input_dtype)
+            x, y = gather_reference(source, self._shard_starts, self.window_starts(step), T, self.input_dtype)
         if self.device.type != "cpu":
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         return x, y
@@ -179,6 +192,12 @@ class GPULoader:
         """Continue from `state`; refuses a state of another dataset, seq_len, global batch or sampling mode."""
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
             raise ValueError(f"not a gpuload loader state (expected format {STATE_FORMAT!r}): {state!r:.200}")
+        missing = [key for key in STATE_KEYS if key not in state]
+        if missing:
+            raise ValueError(f"gpuload loader state is missing {', '.join(missing)}; was it saved by state_dict()?")
+        for key in ("step", "seed", "seq_len", "global_batch", "num_tokens"):
+            if type(state[key]) is not int:
+                raise ValueError(f"gpuload loader state: {key} must be an integer, found {state[key]!r}")
         checks = [
             ("dataset", state["dataset"], self.fingerprint,
              f"the state was saved on another dataset ({state['num_tokens']} tokens) than this one "
@@ -192,15 +211,16 @@ class GPULoader:
             if saved != current:
                 raise ValueError(f"cannot load loader state: {name} differs (saved {saved!r}, this loader "
                                  f"{current!r}): {advice}")
-        self.seed = int(state["seed"])
-        self.step = int(state["step"])
+        check_domain(state["step"], self.global_batch, self.num_tokens)
+        self.seed = state["seed"]
+        self.step = state["step"]
 
     def close(self) -> None:
-        """Release the memory maps (the loader cannot produce batches afterwards)."""
-        self.stream = None  # first: __next__ checks it before touching the tables below
-        self._table = None
-        self._shard_tensors = None
-        self._device_tokens = None
+        """Release the shards (the loader cannot produce batches afterwards; a batch in flight completes)."""
+        self._source = None
+        if self.stream is not None:
+            self.stream.close()
+            self.stream = None
 
     def __enter__(self):
         return self

@@ -14,6 +14,9 @@ Definitions (all arithmetic modulo 2**64, `>>` logical):
                 perm: a 6-round Feistel network on 2*h bits (the smallest even width covering M),
                 cycle-walked into [0, M); round key r = mix64(mix64(seed ^ SALT_SHUFFLE) + e*ROUNDS + r),
                 round function F(R) = mix64(R ^ key) & (2**h - 1).
+
+Domain: N <= 2**62 tokens and (step + 1) * G <= 2**63, so every value above fits a signed int64 and
+the three implementations agree bit for bit (`check_domain` enforces it).
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from __future__ import annotations
 import torch
 
 SAMPLING_MODES = ("random", "shuffle", "sequential")
+SAMPLING_IDS = {"random": 0, "shuffle": 1, "sequential": 2}  # csrc/sampling.h's enum Sampling, the Triton kernel
+MAX_TOKENS = 1 << 62
 
 MASK64 = (1 << 64) - 1
 GOLDEN = 0x9E3779B97F4A7C15
@@ -66,6 +71,14 @@ def feistel_half_bits(num_windows: int) -> int:
     return max(1, ((num_windows - 1).bit_length() + 1) // 2)
 
 
+def check_domain(step: int, global_batch: int, num_tokens: int) -> None:
+    """Raise ValueError outside the domain where the implementations are defined to agree."""
+    if num_tokens > MAX_TOKENS:
+        raise ValueError(f"streams of more than 2**62 tokens are not supported (got {num_tokens})")
+    if step < 0 or (step + 1) * global_batch > 1 << 63:
+        raise ValueError(f"step must be in [0, 2**63 / global_batch - 1] (got step={step}, global_batch={global_batch})")
+
+
 def random_starts(seed: int, step: int, rows: torch.Tensor, num_tokens: int, seq_len: int) -> torch.Tensor:
     """nanoGPT-style starts, uniform over [0, N-T-1], for global rows `rows` of step `step`."""
     base = mix64_int(mix64_int(seed ^ SALT_RANDOM) + step)
@@ -98,6 +111,7 @@ def feistel_permute(index: torch.Tensor, epoch: torch.Tensor, seed: int, num_win
 def window_starts(sampling: str, seed: int, step: int, rows: torch.Tensor, global_batch: int,
                   num_tokens: int, seq_len: int) -> torch.Tensor:
     """Start token `o` of the window for each global row in `rows` at `step` (int64, same device)."""
+    check_domain(step, global_batch, num_tokens)
     rows = rows.to(torch.int64)
     if sampling == "random":
         return random_starts(seed, step, rows, num_tokens, seq_len)

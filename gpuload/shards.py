@@ -40,27 +40,56 @@ def _is_pattern(text: str) -> bool:
     return any(ch in text for ch in "*?[")
 
 
+# "train"/"val" as a word of a shard name: train_000001.bin, fineweb_val_000000.bin, shakespeare_val.bin.
+_SPLIT_WORD = re.compile(r"(?:^|[_.-])(train|val)(?=[_.-]|\d|$)")
+
+
+def _check_one_split(source: str, names: list[str]) -> None:
+    """Refuse a directory or glob that holds both training and validation shards."""
+    splits: dict[str, str] = {}
+    for name in names:
+        match = _SPLIT_WORD.search(os.path.basename(name))
+        if match:
+            splits.setdefault(match.group(1), os.path.basename(name))
+    if len(splits) == 2:
+        raise ValueError(
+            f"{source!r} holds both training ({splits['train']}, ...) and validation ({splits['val']}, ...) shards; "
+            f"reading both would train on the validation split. Name the split: a glob such as "
+            f"'DIR/*train*.bin' or 'DIR/*val*.bin', or a list of files.")
+
+
 def _directory_shards(directory: str, mixed_splits_ok: bool) -> list[str]:
-    """The .bin/.npy files of a directory in natural order; refuses a mix of train and val splits unless told."""
+    """The .bin/.npy files of a directory in natural order."""
     names = sorted((name for name in os.listdir(directory)
                     if name.endswith(SHARD_SUFFIXES) and os.path.isfile(os.path.join(directory, name))),
                    key=natural_key)
     if not names:
         raise FileNotFoundError(f"directory {directory!r} holds no shard files (expected names ending in .bin or .npy)")
-    train = [n for n in names if n.startswith("train")]
-    val = [n for n in names if n.startswith("val")]
-    if train and val and not mixed_splits_ok:
-        raise ValueError(
-            f"directory {directory!r} holds both training ({train[0]}, ...) and validation ({val[0]}, ...) shards; "
-            f"reading both would train on the validation split. Pass {os.path.join(directory, 'train_*.bin')!r} "
-            f"or {os.path.join(directory, 'val_*.bin')!r} instead.")
+    if not mixed_splits_ok:
+        _check_one_split(directory, names)
     return [os.path.join(directory, n) for n in names]
+
+
+def _glob_shards(pattern: str, mixed_splits_ok: bool) -> list[str]:
+    """The .bin/.npy files a glob matches, in natural order (other files, e.g. meta.pkl, are not tokens)."""
+    files = [p for p in glob.glob(pattern) if os.path.isfile(p)]
+    if not files:
+        raise FileNotFoundError(f"no files match the pattern {pattern!r}: check the path, and quote the pattern so "
+                                f"that the shell passes it to gpuload unexpanded")
+    matches = sorted((p for p in files if p.endswith(SHARD_SUFFIXES)), key=natural_key)
+    if not matches:
+        raise FileNotFoundError(f"the pattern {pattern!r} matches {len(files)} files, but none ends in .bin or .npy "
+                                f"(e.g. {os.path.basename(files[0])})")
+    if not mixed_splits_ok:
+        _check_one_split(pattern, matches)
+    return matches
 
 
 def resolve_paths(files: Union[PathLike, Iterable[PathLike]], mixed_splits_ok: bool = False) -> list[str]:
     """Expand a path, a glob, a directory, or a list of these into an ordered list of shard files.
 
-    A directory holding both train_* and val_* shards is refused unless `mixed_splits_ok` (for listing them).
+    A directory or glob holding both train and val shards is refused unless `mixed_splits_ok` (for
+    listing them); explicitly named files are taken as given.
     """
     items = [files] if isinstance(files, (str, os.PathLike)) else list(files)
     if not items:
@@ -73,12 +102,9 @@ def resolve_paths(files: Union[PathLike, Iterable[PathLike]], mixed_splits_ok: b
         elif os.path.isdir(text):
             paths.extend(_directory_shards(text, mixed_splits_ok))
         elif _is_pattern(text):
-            matches = sorted((p for p in glob.glob(text) if os.path.isfile(p)), key=natural_key)
-            if not matches:
-                raise FileNotFoundError(f"no files match the pattern {text!r}")
-            paths.extend(matches)
+            paths.extend(_glob_shards(text, mixed_splits_ok))
         else:
-            raise FileNotFoundError(f"no such shard file or directory: {text!r}")
+            raise FileNotFoundError(f"no such shard file or directory: {text!r}; check the path")
     return paths
 
 
@@ -146,15 +172,17 @@ def open_shard(path: str, token_dtype=np.uint16) -> Shard:
             raise ShardError(f"{path}: not a readable .npy file ({e}). {HINT}") from e
         if array.ndim != 1:
             raise ShardError(f"{path}: expected a 1-D token array, found shape {array.shape}. Flatten it with array.reshape(-1).")
+        if array.dtype.byteorder == ">":
+            raise ShardError(f"{path}: expected little-endian tokens, found big-endian {array.dtype}. Re-save it with "
+                             f"np.save(path, array.astype(array.dtype.newbyteorder('<'))).")
         if array.dtype not in NPY_DTYPES:
             raise ShardError(
                 f"{path}: expected tokens of dtype uint16, uint32 or int32, found {array.dtype}. "
                 f"Convert with array.astype(np.uint32).")
-        if not array.flags.c_contiguous or array.dtype.byteorder == ">":
-            raise ShardError(f"{path}: expected a little-endian, C-ordered array. Re-save it with np.save(path, np.ascontiguousarray(a)).")
         if array.size == 0:
             raise ShardError(f"{path}: the array holds no tokens. Remove the file.")
-        # int32 tokens are ids below 2**31, so reading them as uint32 gives the same values.
+        # Token ids are never negative, so int32 tokens read as uint32 keep their values (not checked: a scan
+        # of the whole file per open would cost seconds per GB).
         dtype = np.dtype(np.uint32) if array.dtype == np.int32 else array.dtype
         return Shard(path, "npy", dtype, int(array.offset), int(array.size))
 
@@ -178,68 +206,66 @@ class TokenStream:
     def __init__(self, files, token_dtype=np.uint16):
         self.paths = resolve_paths(files)
         self.shards = [open_shard(p, token_dtype) for p in self.paths]
-        dtypes = {s.dtype for s in self.shards}
-        if len(dtypes) > 1:
-            found = ", ".join(f"{os.path.basename(s.path)}: {s.dtype}" for s in self.shards[:8])
+        widths: dict[np.dtype, list[Shard]] = {}
+        for shard in self.shards:
+            widths.setdefault(shard.dtype, []).append(shard)
+        if len(widths) > 1:
+            found = "; ".join(f"{len(group)} of {dtype} (first: {group[0].path})" for dtype, group in widths.items())
+            raw = any(s.format == "raw" for s in self.shards)
             raise ShardError(
-                f"shards mix token widths ({found}); expected one width for the whole stream. "
-                f"Re-create the shards with one tokenizer/format.")
+                f"shards mix token widths: {found}. Expected one width for the whole stream: re-create the shards "
+                f"with one tokenizer/format" + (", or pass token_dtype=np.uint32 for raw uint32 .bin files." if raw else "."))
         self.dtype = self.shards[0].dtype
         self.arrays = [s.memmap() for s in self.shards]
         counts = np.array([s.num_tokens for s in self.shards], dtype=np.int64)
         # starts[i] = global position of shard i's first token; starts[-1] = total tokens.
         self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self.num_tokens = int(self.starts[-1])
+        self._files: dict[int, object] = {}  # shard index -> unbuffered file for read_into, opened on first use
 
     def __len__(self) -> int:
         return self.num_tokens
 
-    def read(self, start: int, count: int) -> np.ndarray:
-        """Tokens [start, start+count) of the stream, copied across shard boundaries as needed."""
-        if start < 0 or count < 0 or start + count > self.num_tokens:
+    def _pieces(self, start: int, count: int):
+        """(shard index, first token in the shard, tokens, offset in the output) covering [start, start+count)."""
+        if start < 0 or count < 0 or start > self.num_tokens or count > self.num_tokens - start:
             raise IndexError(f"tokens [{start}, {start + count}) outside the stream of {self.num_tokens}")
-        out = np.empty(count, dtype=self.dtype)
-        first = int(np.searchsorted(self.starts, start, side="right")) - 1
+        shard = int(np.searchsorted(self.starts, start, side="right")) - 1
         done = 0
-        shard = first
         while done < count:
             local = start + done - int(self.starts[shard])
             take = min(count - done, self.shards[shard].num_tokens - local)
-            out[done:done + take] = self.arrays[shard][local:local + take]
+            yield shard, local, take, done
             done += take
             shard += 1
+
+    def read(self, start: int, count: int) -> np.ndarray:
+        """Tokens [start, start+count) of the stream from the memmaps, copied across shard boundaries."""
+        out = np.empty(count, dtype=self.dtype)
+        for shard, local, take, done in self._pieces(start, count):
+            out[done:done + take] = self.arrays[shard][local:local + take]
         return out
 
     def read_into(self, out: np.ndarray, start: int) -> None:
         """Tokens [start, start+len(out)) into `out` (1-D, stream dtype) by pread on the files, not the memmap.
 
         A shard truncated under a memmap turns the next read into SIGBUS, which kills the process; pread
-        returns a short count, reported here as OSError. The files are opened on first use and kept open,
-        so, like the memmap, a shard deleted or replaced after that still reads its original content.
+        returns a short count, reported here as OSError. The files are opened on first use and kept open
+        (until close()), so a shard deleted or replaced after that still reads its original content.
         """
         if not isinstance(out, np.ndarray) or out.ndim != 1 or out.dtype != self.dtype:
             found = f"{out.dtype} {out.shape}" if isinstance(out, np.ndarray) else type(out).__name__
             raise ValueError(f"read_into: expected a 1-D {self.dtype} array, found {found}")
         if not (out.flags.c_contiguous and out.flags.writeable):
             raise ValueError("read_into: `out` must be C-contiguous and writeable; pass np.empty(n, dtype=stream.dtype)")
-        count = out.size
-        if start < 0 or start > self.num_tokens or count > self.num_tokens - start:
-            raise IndexError(f"tokens [{start}, {start + count}) outside the stream of {self.num_tokens}")
-        if count == 0:
-            return
-        files = self.__dict__.setdefault("_read_files", {})  # shard index -> unbuffered file, opened once
         view = memoryview(out).cast("B")
         itemsize = self.dtype.itemsize
-        shard = int(np.searchsorted(self.starts, start, side="right")) - 1
-        done = 0
-        while done < count:
+        for shard, local, take, done in self._pieces(start, out.size):
             info = self.shards[shard]
-            local = start + done - int(self.starts[shard])
-            take = min(count - done, info.num_tokens - local)
-            f = files.get(shard)
+            f = self._files.get(shard)
             if f is None:
                 try:
-                    f = files.setdefault(shard, open(info.path, "rb", buffering=0))
+                    f = self._files.setdefault(shard, open(info.path, "rb", buffering=0))
                 except OSError as e:
                     raise type(e)(e.errno, f"{info.path}: cannot open the shard ({e.strerror}); it was moved or "
                                            f"deleted since the stream was opened. Restore it, or reopen the stream.") from e
@@ -262,8 +288,12 @@ class TokenStream:
                         f"training: restore it (or re-create it with the same content) and restart from the last "
                         f"checkpoint.")
                 got += n
-            done += take
-            shard += 1
+
+    def close(self) -> None:
+        """Close the files read_into opened (the memmaps go when the stream is dropped)."""
+        files, self._files = self._files, {}
+        for f in files.values():
+            f.close()
 
     def fingerprint(self) -> str:
         """A short identity of the dataset: shard names, sizes, width and sampled tokens (cheap to compute)."""

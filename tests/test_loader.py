@@ -156,7 +156,8 @@ def test_resume_refuses_other_dataset(make_shards, tmp_path):
     (dict(batch_size=0), "batch_size"), (dict(seq_len=0), "seq_len"), (dict(sampling="bogus"), "sampling"),
     (dict(rank=2, world_size=2), "rank"), (dict(rank=-1, world_size=2), "rank"),
     (dict(input_dtype=torch.float32), "input_dtype"), (dict(backend="cuda-magic"), "backend"),
-    (dict(seed=1.5), "seed"),
+    (dict(seed=1.5), "seed"), (dict(rank=0.5, world_size=2), "rank"), (dict(batch_size=True), "batch_size"),
+    (dict(seq_len="8"), "seq_len"),
 ])
 def test_invalid_arguments(make_shards, kwargs, match):
     paths = make_shards([1000])
@@ -164,6 +165,79 @@ def test_invalid_arguments(make_shards, kwargs, match):
     kw.update(kwargs)
     with pytest.raises(ValueError, match=match):
         GPULoader(paths, **kw)
+
+
+def test_numpy_integers_are_integers(make_shards):
+    ld = GPULoader(make_shards([1000]), batch_size=np.int64(2), seq_len=np.int32(8), seed=np.uint64(3),
+                   rank=np.int64(0), world_size=np.int64(1), device="cpu")
+    assert (ld.batch_size, ld.seq_len, ld.seed) == (2, 8, 3) and type(ld.seed) is int
+    assert next(ld)[0].shape == (2, 8)
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(step=-1), "step"), (dict(step=2**63), "step"), (dict(step=3.7), "step must be an integer"),
+    (dict(seed="12"), "seed must be an integer"), (dict(dataset=None), "dataset"),
+])
+def test_resume_refuses_malformed_states(make_shards, change, match):
+    ld = loader(make_shards([1000]), batch_size=2, seq_len=8)
+    state = {**ld.state_dict(), **change}
+    with pytest.raises(ValueError, match=match):
+        ld.load_state_dict(state)
+    state = ld.state_dict()
+    del state["step"]
+    with pytest.raises(ValueError, match="missing step"):
+        ld.load_state_dict(state)
+    assert ld.step == 0  # a refused state changes nothing
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_uint16_tokens_wrap_at_65536(make_shards, backend):
+    paths = make_shards([40_000, 40_000], dtype=np.uint16)  # positions past 65536 hold position - 65536
+    ld = loader(paths, batch_size=2, seq_len=1000, sampling="sequential", backend=backend)
+    ld.load_state_dict({**ld.state_dict(), "step": 32})  # windows 64, 65: tokens 64000 .. 66000
+    x, y = (t.cpu() for t in next(ld))
+    expected = torch.arange(64_000, 66_000).reshape(2, 1000) % 65536
+    assert torch.equal(x, expected) and torch.equal(y, (expected + 1) % 65536)
+
+
+def test_close_while_another_thread_gathers_does_not_crash(make_shards):
+    """The native table keeps the memory maps alive for a call in flight (run apart: a regression segfaults)."""
+    paths = make_shards([3_000_000])
+    code = f"""
+import threading
+from gpuload import GPULoader
+ld = GPULoader({paths!r}, batch_size=256, seq_len=4096, device="cpu", rank=0, world_size=1)
+errors = []
+def spin():
+    try:
+        while True:
+            next(ld)
+    except Exception as e:
+        errors.append(e)
+for _ in range(20):
+    t = threading.Thread(target=spin)
+    t.start()
+    ld.close()
+    t.join()
+    ld = GPULoader({paths!r}, batch_size=256, seq_len=4096, device="cpu", rank=0, world_size=1)
+assert len(errors) == 20 and all(isinstance(e, RuntimeError) and "closed" in str(e) for e in errors), errors
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.startswith("ok"), out.stderr[-2000:]
+
+
+def test_default_device_follows_local_rank(monkeypatch):
+    from gpuload.loader import default_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 5)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert default_device() == torch.device("cuda", 3)
+    monkeypatch.delenv("LOCAL_RANK")
+    assert default_device() == torch.device("cuda", 5)  # mp.spawn + torch.cuda.set_device, no torchrun
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert default_device() == torch.device("cpu")
 
 
 def test_rank_and_world_from_torchrun_environment(make_shards, monkeypatch):

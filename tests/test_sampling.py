@@ -1,15 +1,16 @@
 """The batch contract's arithmetic: torch tensors vs a scalar Python oracle vs the native port."""
 
 import random
+import zlib
 
 import numpy as np
 import pytest
 import torch
 
 from gpuload import native
-from gpuload.sampling import (FEISTEL_ROUNDS, GOLDEN, MASK64, SALT_RANDOM, SALT_SHUFFLE, feistel_half_bits,
-                              feistel_permute, mix64, mix64_int, random_starts, to_signed, window_starts,
-                              windows_per_epoch)
+from gpuload.sampling import (FEISTEL_ROUNDS, GOLDEN, MASK64, SALT_RANDOM, SALT_SHUFFLE, SAMPLING_IDS,
+                              feistel_half_bits, feistel_permute, mix64, mix64_int, random_starts, to_signed,
+                              window_starts, windows_per_epoch)
 
 
 # --- a scalar oracle written from the definitions in sampling.py's docstring ------------------
@@ -55,7 +56,7 @@ def test_mix64_tensor_equals_python_ints():
 @pytest.mark.parametrize("mode", ["random", "shuffle", "sequential"])
 @pytest.mark.parametrize("N,T", [(2, 1), (1000, 7), (10_000, 64), (10**10, 1024), (3 * 2**31 + 5, 1)])
 def test_window_starts_equal_oracle(mode, N, T):
-    rng = random.Random(hash((mode, N, T)) & 0xFFFF)
+    rng = random.Random(zlib.crc32(f"{mode} {N} {T}".encode()))  # hash() of str changes per process
     for _ in range(4):
         seed = rng.choice([0, 1, 1234, 2**63 + 17, -5])
         step = rng.choice([0, 1, 7, 10**6, 2**40])
@@ -119,14 +120,47 @@ def test_sequential_is_stream_order_with_wrap():
 
 @pytest.mark.skipif(not native.available(), reason="native extension not built")
 @pytest.mark.parametrize("mode", ["random", "shuffle", "sequential"])
-def test_native_window_starts_equal_torch(mode):
-    table = native.module().ShardTable([0], [0, 3 * 2**31 + 7], 2)  # only its length is used here
+def test_native_window_starts_equal_torch(mode, tmp_path):
+    N = 3 * 2**31 + 7  # positions past 2**32: a sparse file, mapped but never read
+    path = tmp_path / "sparse.bin"
+    with open(path, "wb") as f:
+        f.truncate(2 * N)
+    table = native.module().ShardTable([np.memmap(path, dtype=np.uint16, mode="r")])
     rng = random.Random(1)
     out = np.empty(64, dtype=np.int64)
     for T in (1, 7, 1024):
         for _ in range(5):
             seed, step, row0 = rng.getrandbits(64), rng.choice([0, 3, 2**33]), rng.choice([0, 64, 640])
-            table.window_starts({"random": 0, "shuffle": 1, "sequential": 2}[mode], seed, step, row0, 64, 704, T,
-                                out.ctypes.data)
-            expected = window_starts(mode, seed, step, torch.arange(row0, row0 + 64), 704, 3 * 2**31 + 7, T)
+            table.window_starts(SAMPLING_IDS[mode], seed, step, row0, 704, T, out)
+            expected = window_starts(mode, seed, step, torch.arange(row0, row0 + 64), 704, N, T)
             assert out.tolist() == expected.tolist()
+
+
+def test_domain_limits():
+    rows = torch.arange(4)
+    with pytest.raises(ValueError, match="step"):
+        window_starts("sequential", 0, -1, rows, 4, 1000, 8)
+    with pytest.raises(ValueError, match="step"):
+        window_starts("sequential", 0, 2**62, rows, 4, 1000, 8)  # (step + 1) * G > 2**63
+    window_starts("sequential", 0, 2**61 - 1, rows, 4, 1000, 8)  # (step + 1) * G == 2**63: the last valid step
+    with pytest.raises(ValueError, match="2\\*\\*62"):
+        window_starts("shuffle", 0, 0, rows, 4, 2**62 + 1, 1)
+
+
+@pytest.mark.skipif(not native.available(), reason="native extension not built")
+def test_native_bindings_check_their_arguments(tmp_path):
+    mod = native.module()
+    table = mod.ShardTable([np.arange(100, dtype=np.uint16)])
+    out = np.empty(4, dtype=np.int64)
+    with pytest.raises(ValueError, match="mode"):
+        table.window_starts(7, 0, 0, 0, 4, 8, out)
+    with pytest.raises(ValueError, match="row0"):
+        table.window_starts(0, 0, 0, 2, 4, 8, out)  # rows 2..5 of a global batch of 4
+    with pytest.raises(TypeError):
+        table.window_starts(0, 0, 0, 0, 4, 8, np.empty(4, dtype=np.int32))  # no silent copy to write into
+    with pytest.raises(IndexError, match="outside the stream"):
+        table.gather(np.array([95], dtype=np.int64), 8, 0, False, 0)  # checked before any pointer is touched
+    with pytest.raises(ValueError, match="token"):
+        mod.ShardTable([np.arange(10, dtype=np.float64)])
+    with pytest.raises(ValueError, match="mix"):
+        mod.ShardTable([np.arange(10, dtype=np.uint16), np.arange(10, dtype=np.uint32)])

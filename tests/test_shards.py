@@ -65,7 +65,7 @@ def test_fingerprint_tracks_content_and_order(make_shards, tmp_path):
 
 def test_no_match_names_the_pattern(tmp_path):
     pattern = str(tmp_path / "missing_*.bin")
-    with pytest.raises(FileNotFoundError, match="missing_"):
+    with pytest.raises(FileNotFoundError, match="missing_.*quote the pattern"):
         resolve_paths(pattern)
     with pytest.raises(FileNotFoundError, match="nope.bin"):
         resolve_paths(str(tmp_path / "nope.bin"))
@@ -133,16 +133,20 @@ def test_bad_npy(tmp_path):
     _expect_shard_error(path, "1-D", "(3, 4)")
     np.save(path, np.zeros(8, dtype=np.float32))
     _expect_shard_error(path, "uint16, uint32 or int32", "float32")
+    np.save(path, np.zeros(8, dtype=">u2"))
+    _expect_shard_error(path, "little-endian", "newbyteorder")
     path.write_bytes(b"not a numpy file at all")
     _expect_shard_error(path, ".npy")
 
 
-def test_mixed_widths(make_shards, tmp_path):
-    a = make_shards([100], dtype=np.uint16, prefix="a")
+def test_mixed_widths_name_the_odd_shard(make_shards, tmp_path):
+    a = make_shards([100] * 10, dtype=np.uint16, prefix="a")
     b = make_shards([100], dtype=np.uint32, prefix="b")
     with pytest.raises(ShardError, match="mix token widths") as info:
         TokenStream(a + b)
-    assert "a_0.bin" in str(info.value) and "b_0.bin" in str(info.value)
+    message = str(info.value)
+    assert "10 of uint16 (first: " in message and "a_0.bin" in message
+    assert "1 of uint32 (first: " in message and "b_0.bin" in message
 
 
 def test_too_few_tokens_for_one_window(make_shards):
@@ -162,6 +166,30 @@ def test_file_name_with_glob_characters(tmp_path):
 def test_directory_with_train_and_val_splits_is_refused(tmp_path):
     write_shard(tmp_path / "train_000000.bin", np.arange(100, dtype=np.uint16))
     write_shard(tmp_path / "val_000000.bin", np.arange(100, dtype=np.uint16))
-    with pytest.raises(ValueError, match="train_\\*.bin"):
+    with pytest.raises(ValueError, match="both training \\(train_000000.bin, ...\\) and validation"):
         resolve_paths(str(tmp_path))
     assert resolve_paths(str(tmp_path / "train_*.bin")) == [str(tmp_path / "train_000000.bin")]
+    assert len(resolve_paths(str(tmp_path), mixed_splits_ok=True)) == 2  # for listing (gpuload inspect)
+
+
+@pytest.mark.parametrize("train,val", [
+    ("fineweb_train_000001.bin", "fineweb_val_000000.bin"),  # llm.c / modded-nanogpt names
+    ("tiny_shakespeare_train.bin", "tiny_shakespeare_val.bin"),
+])
+def test_glob_or_directory_mixing_splits_is_refused(tmp_path, train, val):
+    for name in (train, val):
+        write_shard(tmp_path / name, np.arange(100, dtype=np.uint16))
+    for source in (str(tmp_path), str(tmp_path / "*.bin")):
+        with pytest.raises(ValueError, match="validation"):
+            resolve_paths(source)
+    assert resolve_paths([str(tmp_path / train), str(tmp_path / val)])  # named one by one: the user's choice
+    write_shard(tmp_path / "interval_3.bin", np.arange(10, dtype=np.uint16))  # "val" inside a word is no split
+    assert resolve_paths(str(tmp_path / "int*.bin")) == [str(tmp_path / "interval_3.bin")]
+
+
+def test_glob_skips_files_that_are_not_shards(tmp_path):
+    write_shard(tmp_path / "shard_0.bin", np.arange(100, dtype=np.uint16))
+    (tmp_path / "meta.pkl").write_bytes(b"\x80\x04not tokens")
+    assert resolve_paths(str(tmp_path / "*")) == [str(tmp_path / "shard_0.bin")]
+    with pytest.raises(FileNotFoundError, match="none ends in .bin or .npy"):
+        resolve_paths(str(tmp_path / "*.pkl"))

@@ -20,20 +20,18 @@ import torch
 import triton
 import triton.language as tl
 
-from gpuload.sampling import (FEISTEL_ROUNDS, MASK64, MIX_C1, MIX_C2, SALT_RANDOM, SALT_SHUFFLE, SAMPLING_MODES,
-                              feistel_half_bits, to_signed, windows_per_epoch)
+from gpuload.sampling import (FEISTEL_ROUNDS, MIX_C1, MIX_C2, SALT_RANDOM, SALT_SHUFFLE, SAMPLING_IDS,
+                              SAMPLING_MODES, check_domain, feistel_half_bits, to_signed, windows_per_epoch)
 
 # Module globals used inside @triton.jit must be constexpr. Values >= 2**63 become uint64 constants.
 _MIX_C1 = tl.constexpr(MIX_C1)
 _MIX_C2 = tl.constexpr(MIX_C2)
 _SALT_RANDOM = tl.constexpr(SALT_RANDOM)
 _SALT_SHUFFLE = tl.constexpr(SALT_SHUFFLE)
+_FEISTEL_ROUNDS = tl.constexpr(FEISTEL_ROUNDS)
 
 # The kernel unrolls the Feistel rounds with one key per round; a new round count is a new contract.
 assert FEISTEL_ROUNDS == 6, "triton_gather unrolls exactly 6 Feistel rounds; update _feistel_encrypt"
-
-# Same numbering as csrc/sampling.h's enum Sampling.
-_MODE_IDS = {"random": 0, "shuffle": 1, "sequential": 2}
 
 # Tokens are read as unsigned so values >= 2**15 / 2**31 zero-extend; signed views share the bits.
 _TOKEN_DTYPES = {torch.uint16: torch.uint16, torch.int16: torch.uint16,
@@ -80,7 +78,7 @@ def _window_start(seed, step, row, global_batch, num_tokens, num_windows, seq_le
         else:
             epoch = w // num_windows
             index = w - epoch * num_windows
-            key_base = epoch * 6 + _mix64(seed ^ _SALT_SHUFFLE)
+            key_base = epoch * _FEISTEL_ROUNDS + _mix64(seed ^ _SALT_SHUFFLE)
             k0 = _mix64(key_base)
             k1 = _mix64(key_base + 1)
             k2 = _mix64(key_base + 2)
@@ -221,9 +219,9 @@ def gather_batch_triton(tokens: torch.Tensor, sampling: str, seed: int, step, ro
     `tokens` holds stream positions [token_offset, token_offset + len(tokens)) of a stream of
     `num_tokens` tokens: 1-D contiguous uint16 or uint32 (int16 / int32 are taken as the same bits,
     i.e. as views of unsigned tokens). The caller guarantees every window is resident; a window that
-    is not comes out as rows of -1. `seed` and `step` are taken modulo 2**64 (like csrc/sampling.h);
-    `step` is a non-negative int or a 1-element int64 tensor on the tokens' device (read by the kernel,
-    so a captured CUDA graph replays with the step advanced in place). `out_starts`, if given, is a
+    is not comes out as rows of -1. `seed` is taken modulo 2**64 (like csrc/sampling.h). `step` is an
+    int inside the contract's domain (gpuload.sampling.check_domain) or a 1-element int64 tensor on the
+    tokens' device (read by the kernel, so a captured CUDA graph replays with the step advanced in place). `out_starts`, if given, is a
     (batch,) int64 tensor that receives the window starts. `block_size` overrides the column block.
     """
     if not isinstance(tokens, torch.Tensor) or tokens.dim() != 1 or tokens.dtype not in _TOKEN_DTYPES:
@@ -237,7 +235,7 @@ def gather_batch_triton(tokens: torch.Tensor, sampling: str, seed: int, step, ro
         raise RuntimeError(f"gather_batch_triton: tokens are on {device}, and Triton kernels run on a CUDA device; "
                            "to run on the CPU set TRITON_INTERPRET=1 before importing triton, or move the tokens "
                            "to a CUDA device")
-    if sampling not in _MODE_IDS:
+    if sampling not in SAMPLING_IDS:
         raise ValueError(f"gather_batch_triton: unknown sampling {sampling!r}; expected one of {SAMPLING_MODES}")
     if input_dtype not in (torch.int64, torch.int32):
         raise ValueError(f"gather_batch_triton: input_dtype must be torch.int64 or torch.int32, found {input_dtype}")
@@ -259,9 +257,8 @@ def gather_batch_triton(tokens: torch.Tensor, sampling: str, seed: int, step, ro
         step_tensor, step_bits = step, 0
     else:
         step = int(step)
-        if not 0 <= step <= MASK64:
-            raise ValueError(f"gather_batch_triton: step must be in [0, 2**64), found {step}")
-        step_tensor, step_bits = None, to_signed(step)
+        check_domain(step, global_batch, num_tokens)
+        step_tensor, step_bits = None, step
     if block_size is None:
         block_size = _block_size(batch, seq_len)
     elif block_size < 1 or block_size & (block_size - 1):
@@ -271,7 +268,7 @@ def gather_batch_triton(tokens: torch.Tensor, sampling: str, seed: int, step, ro
     y = _check_out("out_y", out_y, (batch, seq_len), torch.int64, device)
     starts = None if out_starts is None else _check_out("out_starts", out_starts, (batch,), torch.int64, device)
     tokens = tokens.view(_TOKEN_DTYPES[tokens.dtype])
-    launch = (tokens, x, y, starts, step_tensor, _MODE_IDS[sampling], to_signed(int(seed)), step_bits, row0,
+    launch = (tokens, x, y, starts, step_tensor, SAMPLING_IDS[sampling], to_signed(int(seed)), step_bits, row0,
               global_batch, num_tokens, seq_len, token_offset, block_size)
     if device.type == "cuda":
         # Triton launches on the current device; make it the tokens' one.
