@@ -10,10 +10,8 @@ on a noisy machine hits them alike; the table reports the median and p10-p90 ove
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 
@@ -21,7 +19,7 @@ import numpy as np
 import torch
 
 from gpuload import GPULoader, native
-from gpuload.machine import machine_info, machine_line
+from gpuload.machine import benchmark_result, machine_info, machine_line
 
 
 def nanogpt_get_batch(path: str, batch_size: int, block_size: int):
@@ -114,13 +112,9 @@ def main(argv=None) -> dict:
         print(f"{r['provider']:<16} {r['median_us']:>10.1f} {r['p10_us']:>7.1f}-{r['p90_us']:<8.1f} {r['cpu_us']:>9.1f} "
               f"{r['tokens_per_s'] / 1e6:>8.1f} {r['speedup_vs_nanogpt']:>10.1f}x")
     print(machine_line(machine))
-    result = {"benchmark": "cpu_gather", "command": " ".join([os.path.basename(sys.argv[0])] + (argv or sys.argv[1:])),
-              "num_tokens": num_tokens, "rounds": args.rounds, "per_round": args.per_round,
-              "machine": machine, "rows": rows}
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-    return result
+    return benchmark_result(
+        "cpu_gather", argv, args.json, num_tokens=num_tokens, rounds=args.rounds, per_round=args.per_round,
+        machine=machine, rows=rows)
 
 
 if __name__ == "__main__":

@@ -13,17 +13,15 @@ the ratio to the floor: np.copyto from an in-memory array of the same size (one-
 from __future__ import annotations
 
 import argparse
-import json
 import mmap
 import os
 import statistics
-import sys
 import tempfile
 import time
 
 import numpy as np
 
-from gpuload.machine import machine_info, machine_line
+from gpuload.machine import benchmark_result, machine_info, machine_line
 from gpuload.shards import TokenStream, write_shard
 
 
@@ -180,13 +178,9 @@ def main(argv=None) -> dict:
         print(f"{r['provider']:<18} {r['median_gbs']:>7.2f} {r['p10_gbs']:>6.2f}-{r['p90_gbs']:<7.2f} {r['median_ms']:>8.2f} "
               f"{r['cpu_ms']:>8.2f} {r['tokens_per_s'] / 1e9:>7.2f} {r['vs_floor']:>8.2f}x")
     print(machine_line(machine))
-    result = {"benchmark": "fill", "command": " ".join([os.path.basename(sys.argv[0])] + (argv or sys.argv[1:])),
-              "num_tokens": stream.num_tokens, "shards": args.shards, "fill_bytes": nbytes, "rounds": args.rounds,
-              "per_round": args.per_round, "cold": args.cold, "machine": machine, "rows": rows}
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-    return result
+    return benchmark_result(
+        "fill", argv, args.json, num_tokens=stream.num_tokens, shards=args.shards, fill_bytes=nbytes,
+        rounds=args.rounds, per_round=args.per_round, cold=args.cold, machine=machine, rows=rows)
 
 
 if __name__ == "__main__":

@@ -13,14 +13,13 @@ x + y, which reads and writes those bytes (16 B + 16 B per token). "of copy" = g
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 
 import torch
 
-from gpuload.machine import machine_info, machine_line
+from gpuload.machine import benchmark_result, machine_info, machine_line
 
 SAMPLINGS = ("random", "sequential", "shuffle")
 
@@ -155,12 +154,8 @@ def main(argv=None) -> dict:
               f"{r['gb_per_s']:>8.1f} {r['of_copy']:>8.2f} {r['tokens_per_s'] / 1e9:>8.2f} "
               f"{r['speedup_vs_torch']:>8.1f}x")
     print(machine_line(machine))
-    result = {"benchmark": "kernels", "command": " ".join([os.path.basename(sys.argv[0])] + (argv or sys.argv[1:])),
-              "stream_tokens": num_tokens, "machine": machine, "rows": rows}
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-    return result
+    return benchmark_result(
+        "kernels", argv, args.json, stream_tokens=num_tokens, machine=machine, rows=rows)
 
 
 if __name__ == "__main__":

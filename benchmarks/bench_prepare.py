@@ -18,7 +18,6 @@ import base64
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 
@@ -28,7 +27,7 @@ import pyarrow.parquet as pq
 import tiktoken
 
 from gpuload.encodings import get_encoding
-from gpuload.machine import machine_info, machine_line
+from gpuload.machine import benchmark_result, machine_info, machine_line
 from gpuload.prepare import default_workers, prepare
 from gpuload.shards import open_shard
 
@@ -161,14 +160,10 @@ def main(argv=None) -> dict:
         print(f"{r['provider']:<16} {r['mb_per_s']:>8.2f} {r['min_s']:>6.2f}-{r['max_s']:<7.2f} "
               f"{r['tokens_per_s'] / 1e6:>8.2f} {r['ratio_vs_tiktoken']:>11.2f}x")
     print(f"{machine_line(machine)}, tiktoken {machine['tiktoken']}, pyarrow {machine['pyarrow']}")
-    result = {"benchmark": "prepare", "command": " ".join([os.path.basename(sys.argv[0])] + list(argv or sys.argv[1:])),
-              "text_bytes": text_bytes, "documents": len(docs), "tokens": num_tokens, "encoding": enc.name,
-              "vocab_size": enc.n_vocab, "workers": args.workers, "rounds": args.rounds, "machine": machine,
-              "rows": rows}
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-    return result
+    return benchmark_result(
+        "prepare", argv, args.json, text_bytes=text_bytes, documents=len(docs), tokens=num_tokens,
+        encoding=enc.name, vocab_size=enc.n_vocab, workers=args.workers, rounds=args.rounds, machine=machine,
+        rows=rows)
 
 
 if __name__ == "__main__":  # guarded: prepare's spawned workers re-import this script

@@ -57,3 +57,16 @@ def machine_line(info: dict | None = None) -> str:
            if info["gpu"] else "GPU: none")
     return (f"{gpu} | CPU: {info['cpu']} ({info['cores']} cores) | python {info['python']}, torch {info['torch']}, "
             f"triton {info['triton']}, numpy {info['numpy']}, gpuload {info['gpuload']} (native: {info['native']})")
+
+
+def benchmark_result(name: str, argv, json_path: str | None, **fields) -> dict:
+    """A benchmark's record: its name and exact command, then `fields`; written to `json_path` if given."""
+    import json
+    import sys
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    result = {"benchmark": name, "command": " ".join([os.path.basename(sys.argv[0])] + args), **fields}
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
