@@ -2,11 +2,14 @@
 // contiguous tensors the caller owns; nothing is allocated per call; the GIL is released while copying.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
+#include "fault.h"
 #include "gather.h"
 
 namespace py = pybind11;
@@ -21,11 +24,19 @@ namespace {
 struct BoundTable {
   ShardTable table;
   py::list arrays;
+  std::vector<std::string> names;  // for error messages: the shard files
 };
 
-BoundTable make_table(const py::list& arrays) {
+// A read from a shard that changed under its memory map (SIGBUS), raised in Python as OSError.
+struct ShardFault : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+BoundTable make_table(const py::list& arrays, const std::vector<std::string>& names) {
   BoundTable t;
   t.arrays = arrays;
+  t.names = names;
+  if (!names.empty() && names.size() != arrays.size()) throw std::invalid_argument("ShardTable: one name per shard");
   t.table.start.push_back(0);
   for (const py::handle& item : arrays) {
     const py::array a = py::reinterpret_borrow<py::array>(item);
@@ -48,6 +59,39 @@ Sampling check_call(const BoundTable& t, int mode, int64_t row0, int64_t count, 
   return static_cast<Sampling>(mode);
 }
 
+struct GatherCall {
+  const BoundTable* t;
+  const int64_t* starts;
+  int64_t batch, seq_len;
+  void* x;
+  bool x_int32;
+  int64_t* y;
+};
+
+// The gather with SIGBUS turned into ShardFault naming the shard whose pages vanished.
+void guarded_gather(const GatherCall& call) {
+  const void* fault = gpuload::run_guarding_sigbus(
+      [](void* p) {
+        const auto& c = *static_cast<const GatherCall*>(p);
+        gpuload::gather_windows(c.t->table, c.starts, c.batch, c.seq_len, c.x, c.x_int32, c.y);
+      },
+      const_cast<GatherCall*>(&call));
+  if (fault == nullptr) return;
+  const ShardTable& table = call.t->table;
+  const auto* address = static_cast<const char*>(fault);
+  for (size_t i = 0; i < table.base.size(); ++i) {
+    const auto* first = static_cast<const char*>(table.base[i]);
+    const int64_t bytes = (table.start[i + 1] - table.start[i]) * table.token_bytes;
+    if (address >= first && address < first + bytes) {
+      const std::string name = i < call.t->names.size() ? call.t->names[i] : "shard " + std::to_string(i);
+      throw ShardFault(name + ": reading token " + std::to_string((address - first) / table.token_bytes) +
+                       " of the memory-mapped shard failed (SIGBUS): the file was truncated or changed while "
+                       "training. Restore it and restart from the last checkpoint.");
+    }
+  }
+  throw ShardFault("SIGBUS while reading the memory-mapped shards: a shard was truncated or changed while training");
+}
+
 void check_starts(const BoundTable& t, const int64_t* s, int64_t batch, int64_t seq_len) {
   for (int64_t b = 0; b < batch; ++b)
     if (s[b] < 0 || s[b] + seq_len >= t.table.num_tokens())
@@ -59,9 +103,12 @@ void check_starts(const BoundTable& t, const int64_t* s, int64_t batch, int64_t 
 PYBIND11_MODULE(_native, m) {
   m.doc() = "gpuload native host code: CPU window gather and window starts";
 
+  py::register_exception<ShardFault>(m, "ShardFault", PyExc_OSError);
+
   py::class_<BoundTable>(m, "ShardTable")
-      .def(py::init(&make_table), py::arg("arrays"),
-           "Shards as 1-D token arrays (numpy memmaps) in stream order; they are kept alive by the table.")
+      .def(py::init(&make_table), py::arg("arrays"), py::arg("names") = std::vector<std::string>{},
+           "Shards as 1-D token arrays (numpy memmaps) in stream order, kept alive by the table; `names` "
+           "(the files) label errors.")
       .def_property_readonly("num_tokens", [](const BoundTable& t) { return t.table.num_tokens(); })
       .def("window_starts",
            [](const BoundTable& t, int mode, uint64_t seed, uint64_t step, int64_t row0, int64_t global_batch,
@@ -80,8 +127,8 @@ PYBIND11_MODULE(_native, m) {
              const int64_t batch = starts.size();
              check_starts(t, starts.data(), batch, seq_len);
              py::gil_scoped_release release;
-             gpuload::gather_windows(t.table, starts.data(), batch, seq_len, reinterpret_cast<void*>(x), x_int32,
-                                     reinterpret_cast<int64_t*>(y));
+             guarded_gather({&t, starts.data(), batch, seq_len, reinterpret_cast<void*>(x), x_int32,
+                             reinterpret_cast<int64_t*>(y)});
            },
            py::arg("starts").noconvert(), py::arg("seq_len"), py::arg("x"), py::arg("x_int32"), py::arg("y"),
            "x, y: data pointers of contiguous (len(starts), seq_len) tensors (x int32 or int64, y int64).")
@@ -93,8 +140,8 @@ PYBIND11_MODULE(_native, m) {
              int64_t* dst = starts.mutable_data();
              py::gil_scoped_release release;
              gpuload::window_starts(s, seed, step, row0, batch, global_batch, t.table.num_tokens(), seq_len, dst);
-             gpuload::gather_windows(t.table, dst, batch, seq_len, reinterpret_cast<void*>(x), x_int32,
-                                     reinterpret_cast<int64_t*>(y));
+             guarded_gather({&t, dst, batch, seq_len, reinterpret_cast<void*>(x), x_int32,
+                             reinterpret_cast<int64_t*>(y)});
            },
            py::arg("mode"), py::arg("seed"), py::arg("step"), py::arg("row0"), py::arg("global_batch"),
            py::arg("seq_len"), py::arg("starts").noconvert(), py::arg("x"), py::arg("x_int32"), py::arg("y"),

@@ -111,7 +111,7 @@ class GPULoader:
         if self.backend == "triton":
             self._source = self._load_resident_stream()
         elif self.backend == "native":
-            self._source = native.module().ShardTable(self.stream.arrays)
+            self._source = native.module().ShardTable(self.stream.arrays, self.stream.paths)
             self._starts = np.empty(batch_size, dtype=np.int64)
         else:
             self._source = [_as_tensor(a) for a in self.stream.arrays]

@@ -295,3 +295,27 @@ def test_demo_prints_batches(capsys, tmp_path):
     run_demo(directory=str(tmp_path), batch_size=2, seq_len=8, steps=2, sampling="sequential")
     out = capsys.readouterr().out
     assert "step 1" in out and "row 1: starts at token     24" in out
+
+
+@pytest.mark.skipif(not native.available(), reason="native extension not built")
+@pytest.mark.parametrize("faulthandler", [False, True])
+def test_shard_truncated_while_training_is_an_error_not_a_crash(make_shards, faulthandler):
+    """A read of a lost page of a memmap raises SIGBUS; the native gather turns it into OSError naming the file."""
+    paths = make_shards([50_000, 400_000], dtype=np.uint16)
+    code = f"""
+import os
+from gpuload import GPULoader
+ld = GPULoader({paths!r}, batch_size=4, seq_len=1000, sampling="sequential", device="cpu", rank=0, world_size=1,
+               backend="native")
+next(ld)
+os.truncate({paths[1]!r}, 1024 + 2 * 100_000)  # keep the header and 100,000 of the 400,000 tokens
+ld.load_state_dict({{**ld.state_dict(), "step": 100}})  # windows 400..403: tokens past 400,000
+try:
+    next(ld)
+except OSError as e:
+    print("OSError:", e)
+"""
+    args = [sys.executable] + (["-X", "faulthandler"] if faulthandler else []) + ["-c", code]
+    out = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith("OSError: " + paths[1]) and "truncated or changed while training" in out.stdout
