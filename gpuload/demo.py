@@ -41,7 +41,7 @@ def run_demo(directory: Optional[str] = None, batch_size: int = 4, seq_len: int 
             x, y = next(loader)
             print(f"step {step}: x {tuple(x.shape)} {x.dtype} on {x.device}, y = x shifted by one token")
             for b in range(min(batch_size, 4)):
-                row = x[b].tolist()
-                shown = row if len(row) <= 8 else row[:4] + ["..."] + row[-2:]
-                print(f"  row {b}: starts at token {row[0]:>6}: {shown}")
+                row = [str(t) for t in x[b].tolist()]
+                shown = ", ".join(row if len(row) <= 8 else row[:4] + ["..."] + row[-2:])
+                print(f"  row {b}: starts at token {row[0]:>6}: [{shown}]")
         print(f"state_dict(): {loader.state_dict()}")
