@@ -9,10 +9,11 @@ import re
 import signal
 import sys
 import threading
+import traceback
 from typing import Optional, Sequence
 
-# Errors that are the user's to fix: shown as one line, no traceback (GPULOAD_DEBUG=1 shows it).
-USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+# OS errors about a path the user gave; the project's own error types are added in _user_errors().
+OS_USER_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 ESCAPES = {"n": "\n", "r": "\r", "t": "\t", "0": "\0", "\\": "\\"}
 
 
@@ -28,6 +29,39 @@ def count(text: str) -> int:
     if value != whole:
         raise argparse.ArgumentTypeError(f"expected a whole number of tokens, found {text!r}")
     return whole
+
+
+def nbytes(text: str) -> int:
+    """Parse a size in bytes: 1000, 64K, 256M, 1.5G (powers of 1024)."""
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([kKmMgGtT]?)i?[bB]?\s*", text)
+    scale = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    try:
+        return int(float(match.group(1)) * scale[match.group(2).lower()])
+    except (AttributeError, ValueError, OverflowError):
+        raise argparse.ArgumentTypeError(f"expected a size such as 1000, 64K, 256M or 1G, found {text!r}") from None
+
+
+def positive(text: str) -> int:
+    """Parse a whole number >= 1 (the demo passes these straight to GPULoader)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of 1 or more, found {text!r}")
+    return value
+
+
+def _user_errors() -> tuple:
+    """Errors that are the user's to fix: shown as one line, no traceback (GPULOAD_DEBUG=1 shows it).
+
+    Only the project's own types: a ValueError from a bug must not pass as bad input. The modules are
+    those the commands import anyway, so importing them here costs nothing on the error path.
+    """
+    from gpuload.encodings import EncodingError
+    from gpuload.prepare import PrepareError
+    from gpuload.shards import ShardError
+    return (PrepareError, EncodingError, ShardError) + OS_USER_ERRORS
 
 
 def unescape(text: str) -> str:
@@ -48,7 +82,8 @@ def _prepare(args) -> int:
             args.inputs, args.out, encoding=args.encoding, field=args.field,
             doc_sep=unescape(args.doc_sep) if args.doc_sep is not None else None, strip=args.strip, bos=args.bos,
             shard_tokens=args.shard_tokens, val_tokens=args.val_tokens, workers=args.workers,
-            overwrite=args.overwrite, skip_bad=args.skip_bad, quiet=args.quiet)
+            overwrite=args.overwrite, skip_bad=args.skip_bad, quiet=args.quiet,
+            **({"max_doc_bytes": args.max_doc_bytes} if args.max_doc_bytes is not None else {}))
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous)
@@ -118,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-tokens", type=count, default=0, metavar="N",
                    help="tokens from the start of the stream written to val_* shards (default: 0)")
     p.add_argument("--workers", type=int, default=None, metavar="N", help="worker processes (default: all cores)")
+    p.add_argument("--max-doc-bytes", type=nbytes, default=None, metavar="SIZE",
+                   help="largest .txt file read as one document without --doc-sep; a worker needs several "
+                        "times its size in memory (default: 256M)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace shards already in --out (removed only after the new run succeeds)")
     p.add_argument("--skip-bad", action="store_true",
@@ -138,9 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("demo", help="write synthetic shards and print a few batches from GPULoader")
     p.add_argument("--dir", default=None, help="where to write the demo shards (default: a temporary directory)")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--seq-len", type=int, default=16)
-    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--batch-size", type=positive, default=4)
+    p.add_argument("--seq-len", type=positive, default=16)
+    p.add_argument("--steps", type=positive, default=3)
     p.add_argument("--sampling", choices=("random", "shuffle", "sequential"), default="random")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(handler=_demo)
@@ -162,8 +200,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except BrokenPipeError:  # `gpuload inspect DIR | head`: stop quietly, and keep Python's exit flush quiet too
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except USER_ERRORS as e:
+    except Exception as e:
         if os.environ.get("GPULOAD_DEBUG"):
             raise
-        print(f"gpuload: error: {e}", file=sys.stderr)
-        return 2
+        if isinstance(e, _user_errors()):
+            print(f"gpuload: error: {e}", file=sys.stderr)
+            return 2
+        traceback.print_exc()
+        print("gpuload: internal error: please report it, with the command and the traceback above",
+              file=sys.stderr)
+        return 1

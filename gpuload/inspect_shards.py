@@ -9,10 +9,9 @@ from typing import Optional, Sequence
 import numpy as np
 
 from gpuload.encodings import EncodingError, delimiter_token, get_encoding
+from gpuload.prepare import KINDS, MANIFEST
 from gpuload.shards import (LLMC_FORMATS, LLMC_MAGIC_FOR_DTYPE, SHARD_SUFFIXES, Shard, ShardError, open_shard,
                              resolve_paths)
-
-MANIFEST = "manifest.json"
 CHUNK = 1 << 24  # tokens per pass: bounds the temporary arrays of min/max/count to a few tens of MB
 
 
@@ -70,13 +69,53 @@ def decode_preview(enc, tokens: Sequence[int]) -> tuple:
         return None, f"cannot decode with encoding {enc.name!r} ({type(e).__name__}: {e}): wrong encoding?"
 
 
+def _manifest_notes(entry: Optional[dict], row: dict, manifest: dict, counted_manifest_delimiter: bool) -> list:
+    """Where one shard disagrees with its manifest entry: each means shards and manifest are from different runs."""
+    name = os.path.basename(row["file"])
+    if entry is None:
+        return [f"{name} is not listed in {MANIFEST}"]
+    fix = "the manifest belongs to another run, or the shard was changed; re-run gpuload prepare"
+    notes = []
+    if entry.get("tokens") != row["tokens"]:
+        notes.append(f"{name}: {MANIFEST} says {entry.get('tokens')} tokens, the file holds {row['tokens']}: {fix}")
+    if manifest.get("token_dtype") not in (None, row["dtype"]):
+        notes.append(f"{name}: {MANIFEST} says {manifest['token_dtype']} tokens, the file holds {row['dtype']}: {fix}")
+    # Documents are counted by delimiter when writing; a --encoding other than the manifest's counts another token.
+    if counted_manifest_delimiter and "documents" in entry and entry["documents"] != row["delimiters"]:
+        notes.append(f"{name}: {MANIFEST} says {entry['documents']} documents, the file holds {row['delimiters']} "
+                     f"delimiters: {fix}")
+    return notes
+
+
+def _missing_notes(manifest: dict, files: list) -> list:
+    """Manifest shards absent from disk, and a token total that does not add up."""
+    directory = os.path.dirname(os.path.abspath(files[0]))
+    entries = [s for s in manifest.get("shards", []) if isinstance(s, dict) and "file" in s]
+    missing = [s["file"] for s in entries if not os.path.isfile(os.path.join(directory, s["file"]))]
+    notes = []
+    if missing:
+        shown = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+        notes.append(f"{len(missing)} shard(s) listed in {MANIFEST} are missing ({shown}): copy them back or "
+                     f"re-run gpuload prepare")
+    listed_total = sum(s.get("tokens") or 0 for s in entries)
+    if isinstance(manifest.get("tokens"), int) and manifest["tokens"] != listed_total:
+        notes.append(f"{MANIFEST} says {manifest['tokens']} tokens in all, its shards list {listed_total}: "
+                     f"the manifest was edited or damaged; re-run gpuload prepare")
+    return notes
+
+
 def inspect_path(path: str, encoding: Optional[str] = None, num_tokens: int = 16) -> dict:
     """Report on one PATH: a shard file, a directory of shards, or a glob."""
     is_file = os.path.isfile(path)
     if is_file and not path.endswith(SHARD_SUFFIXES):
-        hint = " Tokenize it first with gpuload prepare." if path.endswith((".txt", ".jsonl", ".parquet")) else ""
+        hint = " Tokenize it first with gpuload prepare." if path.lower().endswith(tuple(KINDS)) else ""
         raise ShardError(f"{path}: expected a token shard (a file ending in .bin or .npy).{hint}")
-    files = resolve_paths(path, mixed_splits_ok=True)
+    try:
+        files = resolve_paths(path, mixed_splits_ok=True)
+    except ShardError:
+        raise
+    except ValueError as e:  # shards' own checks on the path; made a ShardError so the CLI shows one line
+        raise ShardError(str(e)) from None
     directories = {os.path.dirname(os.path.abspath(f)) for f in files}
     manifest = load_manifest(directories.pop()) if len(directories) == 1 else None
     listed = {s["file"]: s for s in manifest.get("shards", [])} if manifest else {}
@@ -97,13 +136,12 @@ def inspect_path(path: str, encoding: Optional[str] = None, num_tokens: int = 16
     for file, shard in zip(files, opened):
         row = {"file": file, "format": describe_format(shard), "dtype": shard.dtype.name, "tokens": shard.num_tokens,
                **shard_stats(shard, delimiter)}
-        entry = listed.get(os.path.basename(file))
-        if manifest and entry is None:
-            notes.append(f"{os.path.basename(file)} is not listed in {MANIFEST}")
-        elif entry is not None and entry.get("tokens") != shard.num_tokens:
-            notes.append(f"{os.path.basename(file)}: {MANIFEST} says {entry.get('tokens')} tokens, the file holds "
-                         f"{shard.num_tokens}: the manifest belongs to another run; re-run gpuload prepare")
         shards.append(row)
+        if manifest:
+            notes += _manifest_notes(listed.get(os.path.basename(file)), row, manifest,
+                                     delimiter_from == MANIFEST)
+    if manifest:
+        notes += _missing_notes(manifest, files)
 
     first = shards[0]
     head = [int(t) for t in opened[0].memmap()[:num_tokens]]
@@ -139,8 +177,8 @@ def _count(value) -> str:
 def _delimiter_line(report: dict) -> str:
     if report["delimiter"] is None:
         return "unknown (no manifest.json; pass --encoding NAME)"
-    placement = {"eos": "after each document", "bos": "before each document"}.get(report["placement"], "")
-    return f"token {report['delimiter']} {placement} (from {report['delimiter_from']})".replace("  ", " ")
+    placement = {"eos": " after each document", "bos": " before each document"}.get(report["placement"], "")
+    return f"token {report['delimiter']}{placement} (from {report['delimiter_from']})"
 
 
 def format_report(report: dict) -> str:

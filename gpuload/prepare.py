@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import glob
 import json
 import multiprocessing
@@ -12,6 +13,8 @@ import signal
 import socket
 import sys
 import tempfile
+import threading
+import time
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -23,16 +26,24 @@ import numpy as np
 from gpuload.encodings import (canonical_spec, delimiter_token, file_sha256, get_encoding, is_path_spec,
                                token_dtype)
 from gpuload.progress import Progress
-from gpuload.shards import HEADER_INTS, LLMC_FORMATS, LLMC_MAGIC_FOR_DTYPE, SHARD_SUFFIXES, natural_key
+from gpuload.shards import HEADER_BYTES, SHARD_SUFFIXES, _is_pattern, llmc_header, natural_key
 
 KINDS = {".txt": "text", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
+COMPRESSED = (".gz", ".zst", ".zstd", ".bz2", ".xz", ".lz4", ".zip")
 DEFAULT_SHARD_TOKENS = 100_000_000
 MAX_SHARD_TOKENS = 2**31 - 1  # the llm.c header stores the count as int32
 # Text per task. On 32 MB of JSONL with 2 workers: 64 KiB 34-38 MB/s, 256 KiB 44, 1 MiB 45.5,
 # 4 MiB 41 (fewer tasks than it takes to keep both workers busy at the end); in flight at most
 # 2 * workers + 2 tasks, so memory stays a few MB per worker.
 BATCH_BYTES = 1 << 20
-MANIFEST = "manifest.json"
+# A .txt file without --doc-sep is one document, read and encoded whole by one worker; its text, the
+# decoded str and the token arrays take several times its size (review of issue 5: a few 102 MB files
+# in flight peaked at 1 GB RSS), so such files are bounded (--max-doc-bytes) and the input bytes in
+# flight are capped per worker too.
+MAX_DOC_BYTES = 256 << 20
+IN_FLIGHT_BYTES_PER_WORKER = 64 << 20
+UTF8_BOM = b"\xef\xbb\xbf"
+MANIFEST = "manifest.json"  # inspect reads the same name
 SHARD_NAME = re.compile(r"^(train|val)_\d{6,}\.bin$")
 STAGING_PREFIX = ".gpuload-staging-"
 OWNER = "owner.json"
@@ -53,7 +64,7 @@ class Source:
     index: int
     path: str
     kind: str  # "text" | "jsonl" | "parquet"
-    size: int
+    size: int  # 0 for a pipe, whose size is unknown
     row_groups: Sequence[int] = ()
 
 
@@ -81,7 +92,8 @@ def _walk(directory: str) -> list[str]:
     found = []
     for root, dirs, files in os.walk(directory):
         dirs[:] = [d for d in dirs if not d.startswith(".")]
-        found += [os.path.join(root, f) for f in files if _kind(f)]
+        # Hidden files too: macOS writes "._data.jsonl" resource forks next to the data on foreign disks.
+        found += [os.path.join(root, f) for f in files if not f.startswith(".") and _kind(f)]
     return sorted(found, key=natural_key)
 
 
@@ -94,7 +106,7 @@ def find_inputs(inputs: Iterable[PathLike]) -> list[str]:
     paths: list[str] = []
     for item in items:
         text = os.fspath(item)
-        if any(ch in text for ch in "*?[") and not os.path.exists(text):  # "data[1].txt" may be a real name
+        if _is_pattern(text) and not os.path.exists(text):  # "data[1].txt" may be a real name
             found = []
             for match in sorted(glob.glob(text, recursive=True), key=natural_key):
                 found += _walk(match) if os.path.isdir(match) else ([match] if _kind(match) else [])
@@ -108,7 +120,10 @@ def find_inputs(inputs: Iterable[PathLike]) -> list[str]:
             paths += found
         elif os.path.exists(text):
             if not _kind(text):
-                raise PrepareError(f"{text}: unknown input kind; expected a file ending in {wanted}. Rename it.")
+                if text.lower().endswith(COMPRESSED):
+                    raise PrepareError(f"{text}: compressed inputs are not read; expected a file ending in "
+                                       f"{wanted}. Decompress it first (e.g. `zstd -d`, `gunzip -k`).")
+                raise PrepareError(f"{text}: unknown input kind; expected a file ending in {wanted}.")
             paths.append(text)
         else:
             raise PrepareError(f"{text}: no such file or directory. Check the path.")
@@ -122,7 +137,13 @@ def _text_type(arrow_type) -> bool:
     return any(check(arrow_type) for check in checks)
 
 
-def describe_sources(paths: Sequence[str], field: str, skips: "Skips") -> list[Source]:
+def _one_line(e: Exception, limit: int = 200) -> str:
+    """pyarrow messages span several lines (schema dumps); a skip reason or an error is one line."""
+    return " ".join(str(e).split())[:limit]
+
+
+def describe_sources(paths: Sequence[str], field: str, skips: "Skips", sep: Optional[bytes] = None,
+                     max_doc_bytes: int = MAX_DOC_BYTES) -> list[Source]:
     """Check every input can be opened (and Parquet has the column) before any work starts."""
     sources = []
     for path in paths:
@@ -135,6 +156,11 @@ def describe_sources(paths: Sequence[str], field: str, skips: "Skips") -> list[S
         except OSError as e:
             skips.bad(path, f"cannot open the file ({e.strerror}); expected a readable file. Check its permissions")
             continue
+        if kind == "text" and sep is None and size > max_doc_bytes:
+            raise PrepareError(
+                f"{path}: {size:,} bytes as one document (no --doc-sep); expected at most {max_doc_bytes:,} "
+                f"(--max-doc-bytes), since a worker holds a whole document and its tokens in memory, several "
+                f"times its size. Pass --doc-sep SEP to split it into documents, or raise --max-doc-bytes.")
         row_groups: list[int] = []
         if kind == "parquet":
             import pyarrow.parquet as pq
@@ -143,7 +169,7 @@ def describe_sources(paths: Sequence[str], field: str, skips: "Skips") -> list[S
                     schema = pf.schema_arrow
                     row_groups = [pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)]
             except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ...
-                skips.bad(path, f"not a readable Parquet file ({str(e)[:200]})")
+                skips.bad(path, f"not a readable Parquet file ({_one_line(e)})")
                 continue
             if field not in schema.names:
                 skips.bad(path, f"no column {field!r}; expected the text in it, found columns "
@@ -171,7 +197,6 @@ def _text_tasks(src: Source, sep: Optional[bytes], batch_bytes: int) -> Iterator
         yield ("text", src.index, src.path, None, 1, None), src.size
         return
     line = 1
-    buf = bytearray()
     # Separators are matched left to right without overlap, as bytes.split does, so a batch always
     # ends where a split of the whole file would cut, whatever the read sizes ("\n\n\n" with "\n\n").
     pos = 0  # no separator starts in buf[:pos] that has not been found
@@ -180,11 +205,14 @@ def _text_tasks(src: Source, sep: Optional[bytes], batch_bytes: int) -> Iterator
     # match at a time; otherwise the last match is found in one rfind (a line per document stays cheap).
     overlaps = any(sep[:k] == sep[-k:] for k in range(1, len(sep)))
     with open(src.path, "rb") as f:
+        head = f.read(len(UTF8_BOM))  # read(n) waits for n bytes or the end, on a pipe too
+        bom = len(head) if head == UTF8_BOM else 0  # editors on Windows start UTF-8 files with one
+        buf = bytearray(head[bom:])
         while True:
             block = f.read1(batch_bytes)  # read1: a pipe gives what it has instead of blocking for more
             if not block:
                 if buf:
-                    yield ("text", src.index, src.path, bytes(buf), line, sep), len(buf)
+                    yield ("text", src.index, src.path, bytes(buf), line, sep), len(buf) + bom
                 return
             buf += block
             if len(buf) < batch_bytes:
@@ -201,7 +229,8 @@ def _text_tasks(src: Source, sep: Optional[bytes], batch_bytes: int) -> Iterator
             del buf[:cut + len(sep)]
             pos -= cut + len(sep)
             cut = -1
-            yield ("text", src.index, src.path, blob, line, sep), len(blob) + len(sep)
+            yield ("text", src.index, src.path, blob, line, sep), len(blob) + len(sep) + bom
+            bom = 0
             line += blob.count(b"\n") + sep.count(b"\n")
 
 
@@ -214,7 +243,10 @@ def _jsonl_tasks(src: Source, field: str, batch_bytes: int) -> Iterator[tuple]:
                 return
             if not blob.endswith(b"\n"):
                 blob += f.readline()  # whole lines only
-            yield ("jsonl", src.index, src.path, blob, line, field), len(blob)
+            advance = len(blob)
+            if line == 1 and blob.startswith(UTF8_BOM):  # a BOM is not JSON; editors on Windows write one
+                blob = blob[len(UTF8_BOM):]
+            yield ("jsonl", src.index, src.path, blob, line, field), advance
             line += blob.count(b"\n")
 
 
@@ -313,6 +345,8 @@ class Encoder:
             except OSError as e:
                 self._bad(skipped, path, f"cannot read the file ({e.strerror})")
                 return []
+            if blob.startswith(UTF8_BOM):
+                blob = blob[len(UTF8_BOM):]
             pieces = [blob]
         else:
             pieces = blob.split(sep)
@@ -370,7 +404,7 @@ class Encoder:
             # One thread: the workers are the parallelism; pyarrow's own pool would oversubscribe the cores.
             values = pf.read_row_group(group, columns=[field], use_threads=False).column(0).to_pylist()
         except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ...
-            self._bad(skipped, where, f"cannot read it ({str(e)[:200]})")
+            self._bad(skipped, where, f"cannot read it ({_one_line(e)})")
             return []
         docs = []
         for row, value in enumerate(values):
@@ -401,16 +435,57 @@ class Encoder:
                 out[pos:pos + len(part)] = part
                 out[pos + len(part)] = self.delimiter
             pos += len(part) + 1
-        # isascii() is O(1) in CPython, so pure-ASCII batches skip re-encoding just to count bytes.
-        text_bytes = sum(len(d) if d.isascii() else len(d.encode("utf-8")) for d in kept)
+        text_bytes = sum(_utf8_size(d) for d in kept)
         return Encoded(source, out, len(kept), text_bytes, len(docs) - len(kept), skipped)
+
+
+def _utf8_size(text: str) -> int:
+    """Bytes of `text` as tokenized: a lone surrogate (JSON "\\ud800") counts as the U+FFFD tiktoken puts there."""
+    if text.isascii():  # O(1) in CPython: pure-ASCII documents skip re-encoding just to count bytes
+        return len(text)
+    try:
+        return len(text.encode("utf-8"))
+    except UnicodeEncodeError:  # the same repair as tiktoken's encode_ordinary
+        return len(text.encode("utf-16", "surrogatepass").decode("utf-16", "replace").encode("utf-8"))
 
 
 _WORKER: Optional[Encoder] = None
 
 
-def _init_worker(spec: str, bos: bool, strip: bool, skip_bad: bool) -> None:
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def _watch_parent(parent: int) -> None:
+    while True:
+        time.sleep(1.0)
+        if os.getppid() != parent:
+            os._exit(1)
+
+
+def _die_with_parent(parent: int) -> None:
+    """End this worker when the main process dies, even by SIGKILL or the OOM killer.
+
+    Forked workers wait for tasks on a pipe whose write end they inherited, so they never see EOF;
+    left alone they would live on, holding the parent's stdout and stderr open (a caller waiting for
+    the output would hang). Linux kills them when the parent thread that started them exits (the one
+    that submitted the first tasks, alive until the pool is shut down); elsewhere a thread polls.
+    """
+    armed = False
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            armed = libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
+        except (OSError, AttributeError):  # no libc symbol to call: fall back to polling
+            armed = False
+    if os.getppid() != parent:  # the parent died before the signal was armed
+        os._exit(1)
+    if not armed:
+        threading.Thread(target=_watch_parent, args=(parent,), daemon=True, name="gpuload-parent-watch").start()
+
+
+def _init_worker(parent: int, spec: str, bos: bool, strip: bool, skip_bad: bool) -> None:
     global _WORKER
+    _die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a forked worker inherits the CLI's cleanup handler
     _WORKER = Encoder(spec, bos, strip, skip_bad)
@@ -423,10 +498,9 @@ def _run_task(task: tuple) -> Encoded:
 def start_method() -> str:
     """How worker processes start: GPULOAD_START_METHOD, else fork on Linux and spawn elsewhere.
 
-    Spawned workers re-import gpuload, and with it torch: on the 2-core CI machine a 32 MB JSONL run
-    took 5.1-5.4 s with spawn against 1.7-1.8 s with fork. Forked workers start in milliseconds
-    with the encoding already loaded, and run only tiktoken, numpy and pyarrow code, whose thread
-    pools (OpenBLAS, jemalloc, Arrow) reset at fork. Everything a worker needs is also passed by a
+    Spawned workers start a fresh interpreter and load the encoding again; forked ones start in
+    milliseconds with the encoding already loaded, and run only tiktoken, numpy and pyarrow code,
+    whose thread pools (OpenBLAS, jemalloc, Arrow) reset at fork. Everything a worker needs is also passed by a
     picklable spec, so spawn (the default on macOS and Windows) gives the same shards.
     """
     method = os.environ.get("GPULOAD_START_METHOD") or ("fork" if sys.platform.startswith("linux") else "spawn")
@@ -436,21 +510,31 @@ def start_method() -> str:
     return method
 
 
-def encode_tasks(tasks: Iterator[tuple], encoder_args: tuple, workers: int) -> Iterator[tuple]:
-    """Yield (Encoded, input bytes) in task order, with at most 2 * workers + 2 tasks in flight."""
+def encode_tasks(tasks: Iterator[tuple], encoder_args: tuple, workers: int,
+                 max_bytes: Optional[int] = None) -> Iterator[tuple]:
+    """Yield (Encoded, input bytes) in task order.
+
+    In flight at most 2 * workers + 2 tasks, and at most `max_bytes` of input (default
+    IN_FLIGHT_BYTES_PER_WORKER per worker) beyond the oldest task: whole-file documents are large.
+    """
     if workers <= 1:
         encoder = Encoder(*encoder_args)
         for task, advance in tasks:
             yield encoder.run(task), advance
         return
+    max_bytes = workers * IN_FLIGHT_BYTES_PER_WORKER if max_bytes is None else max_bytes
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(start_method()),
-                               initializer=_init_worker, initargs=encoder_args)
+                               initializer=_init_worker, initargs=(os.getpid(), *encoder_args))
     pending: deque = deque()
+    in_flight = 0
     try:
         for task, advance in tasks:
             pending.append((pool.submit(_run_task, task), advance))
-            if len(pending) >= 2 * workers + 2:
+            in_flight += advance
+            # Finished results go out at once too: a pipe that stalls mid-run still gets its shards written.
+            while pending and (len(pending) >= 2 * workers + 2 or in_flight > max_bytes or pending[0][0].done()):
                 future, done = pending.popleft()
+                in_flight -= done
                 yield future.result(), done
         while pending:
             future, done = pending.popleft()
@@ -473,8 +557,8 @@ class ShardWriter:
 
     def __init__(self, directory: str, dtype: np.dtype, shard_tokens: int, val_tokens: int, delimiter: int):
         self.directory = directory
-        self.dtype = np.dtype(dtype).newbyteorder("<")
-        self.magic = LLMC_MAGIC_FOR_DTYPE[np.dtype(dtype)]
+        self.token_dtype = np.dtype(dtype)
+        self.dtype = self.token_dtype.newbyteorder("<")
         self.shard_tokens = shard_tokens
         self.val_left = val_tokens
         self.delimiter = delimiter
@@ -490,15 +574,13 @@ class ShardWriter:
         self.name = f"{self.split}_{self.numbers[self.split]:06d}.bin"
         self.numbers[self.split] += 1
         self.file = open(os.path.join(self.directory, self.name + ".tmp"), "wb")
-        self.file.write(bytes(HEADER_INTS * 4))  # count 0 until the shard is complete: readers reject it
+        self.file.write(bytes(HEADER_BYTES))  # count 0 until the shard is complete: readers reject it
         self.count = 0
         self.documents = 0
 
     def _finish(self) -> None:
-        header = np.zeros(HEADER_INTS, dtype="<i4")
-        header[:3] = (self.magic, LLMC_FORMATS[self.magic][0], self.count)
         self.file.seek(0)
-        self.file.write(header.tobytes())
+        self.file.write(llmc_header(self.token_dtype, self.count))
         self.file.flush()
         os.fsync(self.file.fileno())
         self.file.close()
@@ -544,8 +626,8 @@ def _pid_alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except PermissionError:  # it exists, owned by another user
+        pass
     return True
 
 
@@ -613,18 +695,43 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def _write_error(out: str, name: str, e: OSError) -> PrepareError:
+    return PrepareError(f"{out}: writing {name} failed ({e.strerror or e}); free space or choose another --out.")
+
+
 def _commit(staging: str, out: str, records: list[dict], overwrite: bool) -> None:
     """Swap the finished shards into --out; the manifest goes last, so no manifest means incomplete."""
     check_out(out, overwrite)  # again: another run may have written here meanwhile
-    if os.path.exists(os.path.join(out, MANIFEST)):
-        os.remove(os.path.join(out, MANIFEST))
-    for name in os.listdir(out):
-        if SHARD_NAME.match(name):
-            os.remove(os.path.join(out, name))
-    for record in records:
-        os.replace(os.path.join(staging, record["file"]), os.path.join(out, record["file"]))
-    os.replace(os.path.join(staging, MANIFEST), os.path.join(out, MANIFEST))
-    _fsync_dir(out)
+    # Once the old shards start to go, Ctrl-C or SIGTERM would leave --out with neither run's shards;
+    # held off for these few renames, they take effect when the commit is done. Handlers that only
+    # record the signal, rather than pthread_sigmask: a signal may land on any thread that does not
+    # block it, and Python runs the handler in the main thread anyway. SIGKILL cannot be held off.
+    held: list = []
+    can_hold = threading.current_thread() is threading.main_thread()
+    previous = {}
+    if can_hold:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, lambda signum, frame: held.append(signum))
+    name = MANIFEST
+    try:
+        if os.path.exists(os.path.join(out, MANIFEST)):
+            os.remove(os.path.join(out, MANIFEST))
+        for name in os.listdir(out):
+            if SHARD_NAME.match(name):
+                os.remove(os.path.join(out, name))
+        for record in records:
+            name = record["file"]
+            os.replace(os.path.join(staging, name), os.path.join(out, name))
+        name = MANIFEST
+        os.replace(os.path.join(staging, MANIFEST), os.path.join(out, MANIFEST))
+        _fsync_dir(out)
+    except OSError as e:
+        raise _write_error(out, name, e) from None
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)  # None: set outside Python
+        for sig in held[:1]:
+            signal.raise_signal(sig)  # now handled as it would have been: KeyboardInterrupt, the CLI's exit
 
 
 # ---------------------------------------------------------------------------------------------
@@ -644,6 +751,8 @@ def _estimated_tasks(sources: Sequence[Source], sep: Optional[bytes], batch_byte
             count += len(src.row_groups)
         elif src.kind == "text" and sep is None:
             count += 1
+        elif not src.size and not os.path.isfile(src.path):
+            return sys.maxsize  # a pipe: its size is unknown, so do not cap the workers by it
         else:
             count += max(1, -(-src.size // batch_bytes))
     return count
@@ -652,7 +761,7 @@ def _estimated_tasks(sources: Sequence[Source], sep: Optional[bytes], batch_byte
 def prepare(inputs, out: PathLike, *, encoding: str = "gpt2", field: str = "text", doc_sep: Optional[str] = None,
             strip: bool = False, bos: bool = False, shard_tokens: int = DEFAULT_SHARD_TOKENS, val_tokens: int = 0,
             workers: Optional[int] = None, overwrite: bool = False, skip_bad: bool = False, quiet: bool = True,
-            batch_bytes: int = BATCH_BYTES) -> dict:
+            batch_bytes: int = BATCH_BYTES, max_doc_bytes: int = MAX_DOC_BYTES) -> dict:
     """Tokenize documents into llm.c shards in `out`; return the manifest that was written."""
     from gpuload import __version__  # here, not at the top: gpuload/__init__ may come to import this module
 
@@ -667,6 +776,8 @@ def prepare(inputs, out: PathLike, *, encoding: str = "gpt2", field: str = "text
     workers = default_workers() if workers is None else workers
     if workers < 1:
         raise PrepareError(f"--workers must be at least 1, got {workers}.")
+    if max_doc_bytes < 1:
+        raise PrepareError(f"--max-doc-bytes must be at least 1, got {max_doc_bytes}.")
 
     spec = canonical_spec(encoding)
     enc = get_encoding(spec)  # here first, so a missing encoding fails before any work
@@ -676,7 +787,7 @@ def prepare(inputs, out: PathLike, *, encoding: str = "gpt2", field: str = "text
     skips = Skips(skip_bad)
 
     check_out(out, overwrite)
-    sources = describe_sources(find_inputs(inputs), field, skips)
+    sources = describe_sources(find_inputs(inputs), field, skips, sep, max_doc_bytes)
     if not sources:
         raise PrepareError(f"no readable inputs (skipped {skips.count}: {skips.examples[0]['where']}: "
                            f"{skips.examples[0]['reason']}).")
@@ -685,7 +796,10 @@ def prepare(inputs, out: PathLike, *, encoding: str = "gpt2", field: str = "text
     remove_stale_staging(out)
     workers = min(workers, _estimated_tasks(sources, sep, batch_bytes))
 
-    staging = _make_staging(out)
+    try:
+        staging = _make_staging(out)
+    except OSError as e:
+        raise _write_error(out, "the staging directory", e) from None
     writer = ShardWriter(staging, dtype, shard_tokens, val_tokens, delimiter)
     progress = Progress("prepare", total=sum(s.size for s in sources) or None, rate="tokens", quiet=quiet)
     per_source = [{"documents": 0, "tokens": 0} for _ in sources]
@@ -694,7 +808,10 @@ def prepare(inputs, out: PathLike, *, encoding: str = "gpt2", field: str = "text
     succeeded = False
     try:
         for encoded, advance in results:
-            writer.write(encoded.tokens)
+            try:
+                writer.write(encoded.tokens)
+            except OSError as e:
+                raise _write_error(out, writer.name, e) from None
             for where, reason in encoded.skipped:
                 skips.add(where, reason)
             per_source[encoded.source]["documents"] += encoded.documents
@@ -705,7 +822,10 @@ def prepare(inputs, out: PathLike, *, encoding: str = "gpt2", field: str = "text
             totals["empty"] += encoded.empty
             progress.update(nbytes=encoded.text_bytes, advance=advance, docs=encoded.documents,
                             tokens=len(encoded.tokens))
-        records = writer.close()
+        try:
+            records = writer.close()
+        except OSError as e:
+            raise _write_error(out, writer.name, e) from None
         if not records:
             raise PrepareError(f"the inputs hold no documents ({len(sources)} files, {totals['empty']} empty "
                                f"documents, {skips.count} skipped); expected some text to tokenize.")
@@ -737,9 +857,12 @@ def prepare(inputs, out: PathLike, *, encoding: str = "gpt2", field: str = "text
         }
         if is_path_spec(spec):
             manifest["encoding_sha256"] = file_sha256(spec)
-        with open(os.path.join(staging, MANIFEST), "w") as f:
-            json.dump(manifest, f, indent=1)
-            f.write("\n")
+        try:
+            with open(os.path.join(staging, MANIFEST), "w") as f:
+                json.dump(manifest, f, indent=1)
+                f.write("\n")
+        except OSError as e:
+            raise _write_error(out, MANIFEST, e) from None
         _commit(staging, out, records, overwrite)
         succeeded = True
         return manifest

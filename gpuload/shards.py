@@ -306,6 +306,14 @@ class TokenStream:
         return h.hexdigest()[:16]
 
 
+def llmc_header(dtype, count: int) -> bytes:
+    """The 1024-byte llm.c header for `count` tokens of `dtype` (uint16: v1, uint32: v7)."""
+    magic = LLMC_MAGIC_FOR_DTYPE[np.dtype(dtype)]
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[:3] = magic, LLMC_FORMATS[magic][0], count
+    return header.tobytes()
+
+
 def write_shard(path: PathLike, tokens: np.ndarray, format: str = "llmc") -> None:
     """Write tokens as an llm.c shard (format="llmc"), a headerless .bin ("raw") or a .npy ("npy").
 
@@ -320,10 +328,7 @@ def write_shard(path: PathLike, tokens: np.ndarray, format: str = "llmc") -> Non
         with open(tmp, "wb") as f:
             if format == "llmc":
                 dtype = np.dtype(np.uint16) if tokens.dtype == np.uint16 else np.dtype(np.uint32)
-                magic = LLMC_MAGIC_FOR_DTYPE[dtype]
-                header = np.zeros(HEADER_INTS, dtype="<i4")
-                header[:3] = magic, LLMC_FORMATS[magic][0], tokens.size
-                f.write(header.tobytes())
+                f.write(llmc_header(dtype, tokens.size))
                 f.write(tokens.astype(dtype.newbyteorder("<"), copy=False).tobytes())
             elif format == "raw":
                 f.write(tokens.tobytes())

@@ -71,7 +71,32 @@ def test_user_errors_are_one_line_with_status_2(tmp_path, capsys, args, message)
     err = capsys.readouterr().err
     assert status == 2
     assert err.startswith("gpuload: error: ") and message in err and "Traceback" not in err
+    assert err.count("\n") == 1 and err.endswith("\n")  # one line
     assert not (tmp_path / "out").exists() or not os.listdir(tmp_path / "out")
+
+
+def test_max_doc_bytes_option(tmp_path, capsys):
+    (tmp_path / "a.txt").write_text("x" * 2048)
+    status = main(["prepare", str(tmp_path / "a.txt"), "--out", str(tmp_path / "out"), "--encoding", "bytes",
+                   "--max-doc-bytes", "1K", "--quiet"])
+    err = capsys.readouterr().err
+    assert status == 2 and "2,048 bytes as one document" in err and "--doc-sep" in err and err.count("\n") == 1
+    assert main(["prepare", str(tmp_path / "a.txt"), "--out", str(tmp_path / "out"), "--encoding", "bytes",
+                 "--max-doc-bytes", "2K", "--quiet"]) == 0
+
+
+def test_a_bug_is_an_internal_error_with_a_traceback(tmp_path, capsys, monkeypatch):
+    """A ValueError that is not one of gpuload's own error types is a bug, not bad input."""
+    import gpuload.prepare
+
+    def broken(*args, **kwargs):
+        raise ValueError("boom")
+
+    monkeypatch.setattr(gpuload.prepare, "prepare", broken)
+    status = main(["prepare", str(tmp_path / "a.txt"), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert status == 1
+    assert "Traceback" in err and "ValueError: boom" in err and "internal error: please report" in err
 
 
 def test_named_encoding_offline_is_a_user_error(tmp_path, capsys, monkeypatch):

@@ -90,6 +90,35 @@ def test_manifest_of_another_run_is_flagged(prepared):
     assert any("belongs to another run" in note for note in report["notes"])
 
 
+def test_manifest_disagreements_are_noted(prepared):
+    out, _ = prepared
+    manifest = json.loads((out / "manifest.json").read_text())
+    missing = manifest["shards"][-1]["file"]
+    (out / missing).unlink()
+    manifest["shards"][1]["documents"] += 1
+    manifest["token_dtype"] = "uint32"
+    manifest["tokens"] += 5
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    notes = inspect_path(str(out))["notes"]
+    second = manifest["shards"][1]["file"]
+    assert any(f"1 shard(s) listed in manifest.json are missing ({missing})" in n for n in notes)
+    assert any(n.startswith(f"{second}: manifest.json says {manifest['shards'][1]['documents']} documents")
+               for n in notes)
+    assert any("says uint32 tokens, the file holds uint16" in n for n in notes)
+    assert any("tokens in all, its shards list" in n for n in notes)
+
+
+def test_matching_manifest_gives_no_notes(prepared):
+    out, _ = prepared
+    assert inspect_path(str(out))["notes"] == []
+
+
+def test_input_file_hint_covers_every_input_kind(tmp_path):
+    (tmp_path / "docs.ndjson").write_text("{}\n")
+    with pytest.raises(ShardError, match="Tokenize it first with gpuload prepare"):
+        inspect_path(str(tmp_path / "docs.ndjson"))
+
+
 def test_bad_shard_and_missing_path(tmp_path):
     header = np.zeros(256, dtype="<i4")
     header[:3] = (20240520, 1, 1000)

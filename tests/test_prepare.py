@@ -489,20 +489,47 @@ def _feed_fifo(path, data, done):
         pass
 
 
+def _children(pid):
+    """Live processes whose parent is `pid`, from /proc/*/stat (zombies are dead)."""
+    found = []
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            with open(stat) as f:
+                fields = f.read().rsplit(")", 1)[1].split()  # after "(comm)", which may hold spaces
+        except OSError:
+            continue
+        if fields[0] != "Z" and int(fields[1]) == pid:
+            found.append(int(stat.split("/")[2]))
+    return found
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+@pytest.mark.parametrize("workers", [1, 2])
 @pytest.mark.parametrize("sig, returncode", [(signal.SIGKILL, -signal.SIGKILL), (signal.SIGINT, 130),
                                              (signal.SIGTERM, 128 + signal.SIGTERM)])
-def test_killed_run_leaves_no_shard(tmp_path, sig, returncode):
-    """A real `gpuload prepare` reading a pipe that never ends, killed once it has finished shards."""
+def test_killed_run_leaves_no_shard(tmp_path, sig, returncode, workers):
+    """A real `gpuload prepare` reading a pipe that never ends, killed once it has finished shards.
+
+    With workers, none outlives the main process, even killed by SIGKILL (as the OOM killer does).
+    """
     fifo = tmp_path / "stream.txt"
     os.mkfifo(fifo)
     out = tmp_path / "out"
     done = threading.Event()
-    feeder = threading.Thread(target=_feed_fifo, args=(fifo, b"some words here\n\n" * 200_000, done), daemon=True)
+    data = b"some words here\n\n" * 200_000 * workers  # with 2 workers: enough tasks to fill the window
+    feeder = threading.Thread(target=_feed_fifo, args=(fifo, data, done), daemon=True)
     feeder.start()
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = [sys.executable, "-m", "gpuload", "prepare", str(fifo), "--out", str(out), "--encoding", "bytes",
-           "--doc-sep", "\\n\\n", "--shard-tokens", "100000", "--workers", "1", "--quiet"]
+           "--doc-sep", "\\n\\n", "--shard-tokens", "100000", "--workers", str(workers), "--quiet"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         deadline = time.time() + 60
@@ -510,8 +537,15 @@ def test_killed_run_leaves_no_shard(tmp_path, sig, returncode):
             assert proc.poll() is None, proc.communicate()
             assert time.time() < deadline, "prepare never finished a shard"
             time.sleep(0.05)
+        children = _children(proc.pid) if os.path.isdir("/proc") else []
+        if workers > 1 and os.path.isdir("/proc"):
+            assert len(children) >= workers, children
         proc.send_signal(sig)
-        _, stderr = proc.communicate(timeout=60)
+        _, stderr = proc.communicate(timeout=60)  # hangs if a worker lives on holding stdout and stderr
+        deadline = time.time() + 10
+        while any(_alive(pid) for pid in children) and time.time() < deadline:
+            time.sleep(0.05)
+        assert not [pid for pid in children if _alive(pid)], "worker processes outlived gpuload prepare"
     finally:
         done.set()
         if proc.poll() is None:
@@ -627,3 +661,100 @@ def test_bench_prepare_quick(tmp_path, capsys):
     assert all(r["mb_per_s"] > 0 and r["tokens_per_s"] > 0 for r in result["rows"])
     printed = capsys.readouterr().out
     assert "vs tiktoken" in printed and "CPU:" in printed
+
+
+# ---------------------------------------------------------------------------------------------
+# Review fixes (issue 5)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_lone_surrogate_in_jsonl_is_encoded_like_tiktoken(tmp_path, small_ranks, workers):
+    """JSON may escape a lone surrogate; tiktoken's encode_ordinary repairs it to U+FFFD, and so must prepare."""
+    path = tmp_path / "s.jsonl"
+    path.write_text('{"text": "bad \\ud800 x"}\n{"text": "fine"}\n')
+    docs = [json.loads(line)["text"] for line in path.read_text().splitlines()]
+    for spec in ("bytes", small_ranks):
+        out = tmp_path / f"out-{os.path.basename(spec)}"
+        manifest = prepare([path], out, encoding=spec, workers=workers, skip_bad=True)
+        np.testing.assert_array_equal(read_stream(out), expected_tokens(spec, docs))
+        assert manifest["text_bytes"] == len("bad \ufffd x".encode()) + len("fine")
+        assert manifest["skipped"]["count"] == 0
+
+
+def test_hidden_files_in_a_directory_are_skipped(tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "data.jsonl").write_text('{"text": "kept"}\n')
+    (tmp_path / "in" / "._data.jsonl").write_bytes(b"\x00\x05\x16\x07 macOS resource fork")
+    manifest = prepare([tmp_path / "in"], tmp_path / "out", encoding="bytes", workers=1)
+    assert [os.path.basename(i["path"]) for i in manifest["inputs"]] == ["data.jsonl"]
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "txt-sep", "txt-files"])
+def test_utf8_bom_at_the_start_of_a_file_is_dropped(tmp_path, kind):
+    paths, kwargs = write_inputs(tmp_path / "in", DOCS, kind)
+    for path in paths:
+        data = open(path, "rb").read()
+        with open(path, "wb") as f:
+            f.write(b"\xef\xbb\xbf" + data)
+    prepare(paths, tmp_path / "out", encoding="bytes", workers=1, batch_bytes=16, **kwargs)
+    np.testing.assert_array_equal(read_stream(tmp_path / "out"), expected_tokens("bytes", DOCS))
+
+
+def test_whole_file_document_larger_than_max_doc_bytes_is_refused(tmp_path):
+    path = tmp_path / "big.txt"
+    path.write_text("x" * 1000)
+    with pytest.raises(PrepareError, match=r"big\.txt: 1,000 bytes as one document .* at most 999 .*--doc-sep"):
+        prepare([path], tmp_path / "out", encoding="bytes", workers=1, max_doc_bytes=999)
+    assert_nothing_written(tmp_path / "out")
+    prepare([path], tmp_path / "out", encoding="bytes", workers=1, max_doc_bytes=999, doc_sep="\n")
+
+
+def test_input_bytes_in_flight_are_bounded(tmp_path, small_ranks):
+    """A few large tasks wait for earlier results instead of all being handed to workers at once."""
+    submitted = []
+
+    def tasks():
+        for i in range(8):
+            submitted.append(i)
+            yield ("text", 0, "doc.txt", b"some text", 1, b"\n"), 100
+
+    results = prep.encode_tasks(tasks(), ("bytes", False, False, False), 2, max_bytes=150)
+    first, _ = next(results)
+    assert len(submitted) == 2  # by count alone (2 * workers + 2) it would be 6
+    assert len(list(results)) == 7 and len(first.tokens) == len("some text") + 1
+
+
+def test_compressed_input_says_to_decompress(tmp_path):
+    (tmp_path / "data.jsonl.gz").write_bytes(b"\x1f\x8b")
+    with pytest.raises(PrepareError, match=r"data\.jsonl\.gz: compressed inputs are not read.*Decompress it first"):
+        prepare([tmp_path / "data.jsonl.gz"], tmp_path / "out", encoding="bytes")
+
+
+def test_disk_full_is_a_prepare_error(tmp_path, monkeypatch):
+    import errno
+
+    def full(self):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(prep.ShardWriter, "_finish", full)
+    (tmp_path / "a.txt").write_text("some text")
+    with pytest.raises(PrepareError, match=r"out: writing train_000000\.bin failed \(No space left on device\); "
+                                           r"free space or choose another --out"):
+        prepare([tmp_path / "a.txt"], tmp_path / "out", encoding="bytes", workers=1)
+
+
+@pytest.mark.parametrize("ranks, dtype", [(65535, np.uint16), (65536, np.uint32)])
+def test_token_dtype_boundary(tmp_path, ranks, dtype):
+    """65,535 ranks plus <|endoftext|> (id 65535) fit uint16; one more rank needs uint32."""
+    table = {bytes([i]): i for i in range(256)}
+    for a in range(256):
+        for b in range(256):
+            if len(table) == ranks:
+                break
+            table[bytes([a, b])] = len(table)
+    spec = write_ranks(tmp_path / f"r{ranks}.tiktoken", table)
+    (tmp_path / "a.txt").write_text("some text")
+    manifest = prepare([tmp_path / "a.txt"], tmp_path / "out", encoding=spec, workers=1)
+    assert manifest["token_dtype"] == np.dtype(dtype).name and manifest["delimiter"]["token"] == ranks
+    shard = open_shard(str(tmp_path / "out" / "train_000000.bin"))
+    assert shard.dtype == dtype and int(shard.memmap()[-1]) == ranks
