@@ -17,6 +17,14 @@ def _cpu_model() -> str:
         return platform.processor() or platform.machine()
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (its affinity mask), not all the machine has."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS and Windows have no sched_getaffinity
+        return os.cpu_count() or 1
+
+
 def _driver_version() -> str | None:
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
@@ -38,7 +46,7 @@ def machine_info() -> dict:
     except ImportError:
         triton_version = None
     info = {
-        "cpu": _cpu_model(), "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "cpu": _cpu_model(), "cores": usable_cores(),
         "python": platform.python_version(), "torch": torch.__version__, "triton": triton_version,
         "numpy": np.__version__, "gpuload": __version__, "native": native.available(),
         "gpu": None, "gpu_memory_gib": None, "cuda": None, "driver": None,

@@ -25,6 +25,7 @@ import numpy as np
 
 from gpuload.encodings import (canonical_spec, delimiter_token, file_sha256, get_encoding, is_path_spec,
                                token_dtype)
+from gpuload.machine import usable_cores
 from gpuload.progress import Progress
 from gpuload.shards import HEADER_BYTES, SHARD_SUFFIXES, _is_pattern, llmc_header, natural_key
 
@@ -738,10 +739,7 @@ def _commit(staging: str, out: str, records: list[dict], overwrite: bool) -> Non
 
 
 def default_workers() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS and Windows have no sched_getaffinity
-        return os.cpu_count() or 1
+    return usable_cores()
 
 
 def _estimated_tasks(sources: Sequence[Source], sep: Optional[bytes], batch_bytes: int) -> int:
