@@ -59,6 +59,15 @@ Sampling check_call(const BoundTable& t, int mode, int64_t row0, int64_t count, 
   return static_cast<Sampling>(mode);
 }
 
+// The chunked rule's geometry, validated like gpuload.sampling.Chunking (0 = the whole-stream rule).
+gpuload::Chunking make_chunking(const BoundTable& t, int64_t global_batch, int64_t seq_len, int64_t windows_per_chunk) {
+  if (windows_per_chunk == 0) return {};
+  const gpuload::Chunking c(t.table.num_tokens(), seq_len, global_batch, windows_per_chunk);
+  if (windows_per_chunk < global_batch || c.num_chunks < 2)
+    throw std::invalid_argument("windows_per_chunk must be 0 or in [global_batch, windows per epoch)");
+  return c;
+}
+
 struct GatherCall {
   const BoundTable* t;
   const int64_t* starts;
@@ -112,15 +121,17 @@ PYBIND11_MODULE(_native, m) {
       .def_property_readonly("num_tokens", [](const BoundTable& t) { return t.table.num_tokens(); })
       .def("window_starts",
            [](const BoundTable& t, int mode, uint64_t seed, uint64_t step, int64_t row0, int64_t global_batch,
-              int64_t seq_len, Int64Array out) {
+              int64_t seq_len, Int64Array out, int64_t windows_per_chunk) {
              const int64_t count = out.size();
              const Sampling s = check_call(t, mode, row0, count, global_batch, seq_len);
+             const gpuload::Chunking chunking = make_chunking(t, global_batch, seq_len, windows_per_chunk);
              int64_t* dst = out.mutable_data();
              py::gil_scoped_release release;
-             gpuload::window_starts(s, seed, step, row0, count, global_batch, t.table.num_tokens(), seq_len, dst);
+             gpuload::window_starts(s, seed, step, row0, count, global_batch, t.table.num_tokens(), seq_len, chunking, dst);
            },
            py::arg("mode"), py::arg("seed"), py::arg("step"), py::arg("row0"), py::arg("global_batch"),
-           py::arg("seq_len"), py::arg("out").noconvert())
+           py::arg("seq_len"), py::arg("out").noconvert(), py::arg("windows_per_chunk") = 0,
+           "Window starts of rows row0 .. row0+len(out)-1; windows_per_chunk > 0 selects the chunked rule.")
       .def("gather",
            [](const BoundTable& t, Int64Array starts, int64_t seq_len, uintptr_t x, bool x_int32, uintptr_t y) {
              check_call(t, 0, 0, 0, 0, seq_len);
@@ -134,16 +145,18 @@ PYBIND11_MODULE(_native, m) {
            "x, y: data pointers of contiguous (len(starts), seq_len) tensors (x int32 or int64, y int64).")
       .def("sample_and_gather",
            [](const BoundTable& t, int mode, uint64_t seed, uint64_t step, int64_t row0, int64_t global_batch,
-              int64_t seq_len, Int64Array starts, uintptr_t x, bool x_int32, uintptr_t y) {
+              int64_t seq_len, Int64Array starts, uintptr_t x, bool x_int32, uintptr_t y, int64_t windows_per_chunk) {
              const int64_t batch = starts.size();
              const Sampling s = check_call(t, mode, row0, batch, global_batch, seq_len);
+             const gpuload::Chunking chunking = make_chunking(t, global_batch, seq_len, windows_per_chunk);
              int64_t* dst = starts.mutable_data();
              py::gil_scoped_release release;
-             gpuload::window_starts(s, seed, step, row0, batch, global_batch, t.table.num_tokens(), seq_len, dst);
+             gpuload::window_starts(s, seed, step, row0, batch, global_batch, t.table.num_tokens(), seq_len, chunking, dst);
              guarded_gather({&t, dst, batch, seq_len, reinterpret_cast<void*>(x), x_int32,
                              reinterpret_cast<int64_t*>(y)});
            },
            py::arg("mode"), py::arg("seed"), py::arg("step"), py::arg("row0"), py::arg("global_batch"),
            py::arg("seq_len"), py::arg("starts").noconvert(), py::arg("x"), py::arg("x_int32"), py::arg("y"),
+           py::arg("windows_per_chunk") = 0,
            "Window starts of rows row0 .. row0+len(starts)-1 into `starts`, then their gather into x and y.");
 }

@@ -43,10 +43,11 @@ void gather_windows(const ShardTable& shards, const int64_t* starts, int64_t bat
 }
 
 void window_starts(Sampling mode, uint64_t seed, uint64_t step, int64_t row0, int64_t count,
-                   int64_t global_batch, int64_t num_tokens, int64_t seq_len, int64_t* starts) {
+                   int64_t global_batch, int64_t num_tokens, int64_t seq_len, const Chunking& chunking,
+                   int64_t* starts) {
   for (int64_t b = 0; b < count; ++b)
     starts[b] = static_cast<int64_t>(window_start(mode, seed, step, static_cast<uint64_t>(row0 + b),
-                                                  global_batch, num_tokens, seq_len));
+                                                  global_batch, num_tokens, seq_len, chunking));
 }
 
 }  // namespace gpuload

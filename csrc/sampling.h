@@ -9,6 +9,7 @@ namespace gpuload {
 
 constexpr uint64_t kSaltRandom = 0x243F6A8885A308D3ull;
 constexpr uint64_t kSaltShuffle = 0x13198A2E03707344ull;
+constexpr uint64_t kSaltChunks = 0xA4093822299F31D0ull;
 constexpr int kFeistelRounds = 6;
 
 enum class Sampling : int { kRandom = 0, kShuffle = 1, kSequential = 2 };
@@ -47,17 +48,53 @@ inline uint64_t feistel_permute(uint64_t index, uint64_t epoch, uint64_t seed, u
   return x;
 }
 
+// The stream cut into chunks for a ring smaller than it (gpuload.sampling.Chunking);
+// windows_per_chunk == 0 means the whole-stream rule.
+struct Chunking {
+  uint64_t windows_per_chunk = 0, num_windows = 0, num_chunks = 0, chunk_tokens = 0, last_windows = 0;
+  uint64_t last_length = 0, steps_per_visit = 0;
+
+  Chunking() = default;
+  Chunking(uint64_t num_tokens, uint64_t seq_len, uint64_t global_batch, uint64_t wc)
+      : windows_per_chunk(wc), num_windows((num_tokens - 1) / seq_len) {
+    if (wc == 0) return;
+    num_chunks = (num_windows + wc - 1) / wc;
+    chunk_tokens = wc * seq_len;
+    last_windows = num_windows - (num_chunks - 1) * wc;
+    last_length = num_tokens - (num_chunks - 1) * chunk_tokens;
+    steps_per_visit = wc / global_batch > 0 ? wc / global_batch : 1;
+  }
+  bool active() const { return windows_per_chunk != 0; }
+};
+
+// order(e, pos): the chunk at position pos of pass e; the (short) last chunk stays last.
+inline uint64_t chunk_order(uint64_t seed, uint64_t epoch, uint64_t pos, uint64_t num_chunks) {
+  if (pos == num_chunks - 1) return pos;
+  return feistel_permute(pos, epoch, seed ^ kSaltChunks, num_chunks - 1);
+}
+
 // Start token of global row `row` at `step`; the caller guarantees num_tokens > seq_len >= 1.
 inline uint64_t window_start(Sampling mode, uint64_t seed, uint64_t step, uint64_t row,
-                             uint64_t global_batch, uint64_t num_tokens, uint64_t seq_len) {
+                             uint64_t global_batch, uint64_t num_tokens, uint64_t seq_len,
+                             const Chunking& c = Chunking()) {
   if (mode == Sampling::kRandom) {
     const uint64_t h = mix64(mix64(mix64(seed ^ kSaltRandom) + step) + row);
-    return (h >> 1) % (num_tokens - seq_len);
+    if (!c.active()) return (h >> 1) % (num_tokens - seq_len);
+    const uint64_t visit = step / c.steps_per_visit;
+    const uint64_t chunk = chunk_order(seed, visit / c.num_chunks, visit % c.num_chunks, c.num_chunks);
+    const uint64_t valid = chunk == c.num_chunks - 1 ? c.last_length - seq_len : c.chunk_tokens + 1 - seq_len;
+    return chunk * c.chunk_tokens + (h >> 1) % valid;
   }
   const uint64_t num_windows = (num_tokens - 1) / seq_len;
   const uint64_t w = step * global_batch + row;
   if (mode == Sampling::kSequential) return (w % num_windows) * seq_len;
-  return feistel_permute(w % num_windows, w / num_windows, seed, num_windows) * seq_len;
+  if (!c.active()) return feistel_permute(w % num_windows, w / num_windows, seed, num_windows) * seq_len;
+  const uint64_t epoch = w / num_windows, index = w % num_windows;
+  const uint64_t pos = index / c.windows_per_chunk;
+  const uint64_t chunk = chunk_order(seed, epoch, pos, c.num_chunks);
+  const uint64_t windows = chunk == c.num_chunks - 1 ? c.last_windows : c.windows_per_chunk;
+  const uint64_t within = feistel_permute(index - pos * c.windows_per_chunk, epoch * c.num_chunks + pos, seed, windows);
+  return (chunk * c.windows_per_chunk + within) * seq_len;
 }
 
 }  // namespace gpuload

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import operator
 import os
-import warnings
 from typing import Optional
 
 import numpy as np
@@ -12,12 +11,14 @@ import torch
 
 from gpuload import native
 from gpuload.kernels.gather import gather_reference
-from gpuload.sampling import MASK64, SAMPLING_IDS, SAMPLING_MODES, check_domain, window_starts
+from gpuload.ring import PLACEMENTS, Ring, plan_ring
+from gpuload.sampling import MASK64, SAMPLING_IDS, SAMPLING_MODES, check_domain, window_starts_and_visits
 from gpuload.shards import TokenStream
 
 BACKENDS = ("auto", "torch", "native", "triton")
 STATE_FORMAT = "gpuload.loader/1"
-STATE_KEYS = ("format", "step", "seed", "sampling", "seq_len", "global_batch", "num_tokens", "dataset")
+STATE_KEYS = ("format", "step", "seed", "sampling", "seq_len", "global_batch", "num_tokens", "dataset",
+              "windows_per_chunk")
 
 
 def _env_int(name: str) -> Optional[int]:
@@ -65,12 +66,16 @@ class GPULoader:
 
     Global row g = rank * batch_size + b of step s reads the window chosen by `sampling` from
     (seed, s, g) and the global batch G = world_size * batch_size (see gpuload/sampling.py), so the
-    stream of global batches is the same for any world_size with the same G.
+    stream of global batches is the same for any world_size with the same G. The torch and triton
+    backends read tokens from a ring (gpuload/ring.py) of `ring_tokens` tokens (None: the whole stream
+    when it fits gpuload.ring.default_ring_bytes()); a ring smaller than the stream switches random and
+    shuffle to the chunked rule, on every backend alike.
     """
 
     def __init__(self, files, batch_size: int, seq_len: int, sampling: str = "random", seed: int = 0,
                  rank: Optional[int] = None, world_size: Optional[int] = None, device=None,
-                 input_dtype: torch.dtype = torch.int64, backend: str = "auto", token_dtype=np.uint16):
+                 input_dtype: torch.dtype = torch.int64, backend: str = "auto", token_dtype=np.uint16,
+                 ring_tokens: Optional[int] = None, placement: str = "device", static_buffers: bool = False):
         batch_size, seq_len, seed = _as_int("batch_size", batch_size), _as_int("seq_len", seq_len), _as_int("seed", seed)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -82,6 +87,12 @@ class GPULoader:
             raise ValueError(f"input_dtype must be torch.int64 or torch.int32, got {input_dtype}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if placement not in PLACEMENTS:
+            raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
+        if ring_tokens is not None:
+            ring_tokens = _as_int("ring_tokens", ring_tokens)
+            if ring_tokens < 1:
+                raise ValueError(f"ring_tokens must be >= 1 (or None for the whole stream), got {ring_tokens}")
         default_rank, default_world = default_rank_world()
         rank = default_rank if rank is None else _as_int("rank", rank)
         world_size = default_world if world_size is None else _as_int("world_size", world_size)
@@ -93,7 +104,10 @@ class GPULoader:
         self.global_batch = world_size * batch_size
         self.input_dtype = input_dtype
         self.device = torch.device(device) if device is not None else default_device()
+        self.placement, self.static_buffers = placement, bool(static_buffers)
         self.step = 0
+        self._ring: Optional[Ring] = None
+        self._source = None
 
         self.stream = TokenStream(files, token_dtype=token_dtype)
         if self.stream.num_tokens < seq_len + 1:
@@ -104,21 +118,29 @@ class GPULoader:
         self.num_tokens = self.stream.num_tokens
         check_domain(0, self.global_batch, self.num_tokens)
         self.fingerprint = self.stream.fingerprint()
+        self.ring_layout = plan_ring(self.num_tokens, self.stream.dtype.itemsize, seq_len, self.global_batch, ring_tokens)
+        self.chunking = self.ring_layout.chunking
         self.backend = self._choose_backend(backend)
         self._rows = torch.arange(rank * batch_size, (rank + 1) * batch_size, dtype=torch.int64)
-        # What the backend reads tokens from: the device-resident stream, the native shard table (which keeps
-        # the memory maps alive while a call is in flight), or torch views of the memory maps.
-        if self.backend == "triton":
-            self._source = self._load_resident_stream()
-        elif self.backend == "native":
+        self._out = None
+        if self.static_buffers:
+            self._out = (torch.empty((batch_size, seq_len), dtype=input_dtype, device=self.device),
+                         torch.empty((batch_size, seq_len), dtype=torch.int64, device=self.device))
+        # The native backend reads the memory maps in place through its shard table (which keeps them alive
+        # while a call is in flight); the page cache is its ring. The others read the ring.
+        if self.backend == "native":
             self._source = native.module().ShardTable(self.stream.arrays, self.stream.paths)
             self._starts = np.empty(batch_size, dtype=np.int64)
         else:
-            self._source = [_as_tensor(a) for a in self.stream.arrays]
-            self._shard_starts = torch.from_numpy(self.stream.starts)
+            if self.backend == "triton":
+                self._check_triton_device()
+            self._ring = Ring(self.stream, self.ring_layout, sampling, seed, self.device, placement)
+            self._source = self._ring
 
     def _choose_backend(self, backend: str) -> str:
         if backend == "auto":
+            if self.device.type == "cuda":
+                return "triton"
             return "native" if native.module() is not None else "torch"
         if backend == "native" and not native.available():
             why = "disabled by GPULOAD_NO_NATIVE=1" if native.disabled() else "not built"
@@ -126,8 +148,7 @@ class GPULoader:
                                f"use backend='torch' or reinstall gpuload with a C++ compiler present")
         return backend
 
-    def _load_resident_stream(self) -> torch.Tensor:
-        """The whole stream in one tensor on the device, for the Triton kernel (the ring's whole-dataset case)."""
+    def _check_triton_device(self) -> None:
         from gpuload.kernels import triton_gather  # imported late: triton is slow to import
 
         if self.device.type == "cpu" and not triton_gather.interpreter_active():
@@ -135,14 +156,6 @@ class GPULoader:
                                "(Triton's interpreter); use a CUDA device, or backend='native' on the CPU")
         if self.device.type not in ("cpu", "cuda"):
             raise ValueError(f"backend='triton' runs on CUDA devices (or the CPU interpreter), not {self.device}")
-        nbytes = self.num_tokens * self.stream.dtype.itemsize
-        if self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            if nbytes > free // 2:
-                raise ValueError(
-                    f"backend='triton' keeps the whole stream on {self.device}: {nbytes / 2**30:.2f} GiB, more than "
-                    f"half of its {free / 2**30:.2f} GiB free; use backend='native' for this dataset")
-        return torch.from_numpy(self.stream.read(0, self.num_tokens)).to(self.device)
 
     def __iter__(self):
         return self
@@ -154,18 +167,16 @@ class GPULoader:
 
     def window_starts(self, step: int) -> torch.Tensor:
         """Window start of each of this rank's rows at `step` (int64, on the CPU)."""
-        return window_starts(self.sampling, self.seed, step, self._rows, self.global_batch, self.num_tokens, self.seq_len)
+        return window_starts_and_visits(self.sampling, self.seed, step, self._rows, self.global_batch,
+                                        self.num_tokens, self.seq_len, self.chunking)[0]
 
     def _produce(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         source = self._source  # read once: close() may clear it from another thread meanwhile
         if source is None:
             raise RuntimeError("the loader is closed; create a new GPULoader (and load_state_dict) to go on")
+        check_domain(step, self.global_batch, self.num_tokens)
         B, T = self.batch_size, self.seq_len
-        if self.backend == "triton":
-            from gpuload.kernels.triton_gather import gather_batch_triton
-
-            return gather_batch_triton(source, self.sampling, self.seed, step, self.rank * B, B,
-                                       self.global_batch, self.num_tokens, T, input_dtype=self.input_dtype)
+        out_x, out_y = self._out if self._out is not None else (None, None)
         if self.backend == "native":
             # Pinned host memory lets the device copy below run asynchronously.
             pin = self.device.type == "cuda"
@@ -173,11 +184,32 @@ class GPULoader:
             y = torch.empty((B, T), dtype=torch.int64, pin_memory=pin)
             source.sample_and_gather(
                 SAMPLING_IDS[self.sampling], self.seed & MASK64, step, self.rank * B, self.global_batch, T,
-                self._starts, x.data_ptr(), self.input_dtype == torch.int32, y.data_ptr())
+                self._starts, x.data_ptr(), self.input_dtype == torch.int32, y.data_ptr(),
+                0 if self.chunking is None else self.chunking.windows_per_chunk)
+            if out_x is not None:
+                return out_x.copy_(x, non_blocking=True), out_y.copy_(y, non_blocking=True)
+            if self.device.type != "cpu":
+                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            return x, y
+        tokens = source.acquire(step)
+        layout = self.ring_layout
+        if self.backend == "triton":
+            from gpuload.kernels.triton_gather import gather_batch_triton
+
+            x, y = gather_batch_triton(tokens, self.sampling, self.seed, step, self.rank * B, B, self.global_batch,
+                                       self.num_tokens, T, out_x, out_y, self.input_dtype, chunking=self.chunking,
+                                       num_slots=layout.num_slots, slot_tokens=layout.slot_tokens, device=self.device)
         else:
-            x, y = gather_reference(source, self._shard_starts, self.window_starts(step), T, self.input_dtype)
-        if self.device.type != "cpu":
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            starts, visits = window_starts_and_visits(self.sampling, self.seed, step, self._rows, self.global_batch,
+                                                      self.num_tokens, T, self.chunking)
+            positions = source.ring_positions(starts, visits).to(tokens.device)
+            bounds = torch.tensor([0, tokens.numel()], device=tokens.device)
+            x, y = gather_reference([tokens], bounds, positions, T, self.input_dtype)
+            if self.device != tokens.device:  # zero-copy placement: the torch reference reads the host ring
+                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            if out_x is not None:
+                x, y = out_x.copy_(x), out_y.copy_(y)
+        source.release(step)
         return x, y
 
     def state_dict(self) -> dict:
@@ -186,6 +218,7 @@ class GPULoader:
             "format": STATE_FORMAT, "step": self.step, "seed": self.seed, "sampling": self.sampling,
             "seq_len": self.seq_len, "global_batch": self.global_batch,
             "num_tokens": self.num_tokens, "dataset": self.fingerprint,
+            "windows_per_chunk": 0 if self.chunking is None else self.chunking.windows_per_chunk,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -195,7 +228,7 @@ class GPULoader:
         missing = [key for key in STATE_KEYS if key not in state]
         if missing:
             raise ValueError(f"gpuload loader state is missing {', '.join(missing)}; was it saved by state_dict()?")
-        for key in ("step", "seed", "seq_len", "global_batch", "num_tokens"):
+        for key in ("step", "seed", "seq_len", "global_batch", "num_tokens", "windows_per_chunk"):
             if type(state[key]) is not int:
                 raise ValueError(f"gpuload loader state: {key} must be an integer, found {state[key]!r}")
         checks = [
@@ -207,17 +240,27 @@ class GPULoader:
              "world_size * batch_size must equal the saved global batch (elastic resume keeps it)"),
             ("sampling", state["sampling"], self.sampling, "construct the loader with the saved sampling mode"),
         ]
+        if self.sampling != "sequential":  # sequential batches do not depend on the ring's chunks
+            ours = 0 if self.chunking is None else self.chunking.windows_per_chunk
+            checks.append(("ring chunking (windows_per_chunk, 0 = whole stream)", state["windows_per_chunk"], ours,
+                           "construct the loader with the saved ring_tokens: with a ring smaller than the stream, "
+                           "random and shuffle batches depend on its chunks"))
         for name, saved, current, advice in checks:
             if saved != current:
                 raise ValueError(f"cannot load loader state: {name} differs (saved {saved!r}, this loader "
                                  f"{current!r}): {advice}")
         check_domain(state["step"], self.global_batch, self.num_tokens)
+        if self._ring is not None and state["seed"] != self.seed:
+            self._ring.reset(state["seed"])
         self.seed = state["seed"]
         self.step = state["step"]
 
     def close(self) -> None:
-        """Release the shards (the loader cannot produce batches afterwards; a batch in flight completes)."""
+        """Stop the ring's filler, free the ring and release the shards (a batch in flight completes)."""
         self._source = None
+        if self._ring is not None:
+            self._ring.close()
+            self._ring = None
         if self.stream is not None:
             self.stream.close()
             self.stream = None
@@ -231,11 +274,6 @@ class GPULoader:
     def __repr__(self) -> str:
         return (f"GPULoader(B={self.batch_size}, T={self.seq_len}, sampling={self.sampling!r}, seed={self.seed}, "
                 f"rank={self.rank}/{self.world_size}, tokens={self.num_tokens}, backend={self.backend!r}, "
-                f"device={self.device})")
+                f"device={self.device}, ring={self.ring_layout.ring_tokens} tokens"
+                f"{'' if self.chunking is None else f' in chunks of {self.chunking.windows_per_chunk} windows'})")
 
-
-def _as_tensor(array: np.ndarray) -> torch.Tensor:
-    """A torch view of a read-only memmap (torch warns about non-writable arrays; the view is never written)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(array)

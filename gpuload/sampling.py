@@ -17,9 +17,25 @@ Definitions (all arithmetic modulo 2**64, `>>` logical):
 
 Domain: N <= 2**62 tokens and (step + 1) * G <= 2**63, so every value above fits a signed int64 and
 the three implementations agree bit for bit (`check_domain` enforces it).
+
+Chunked rule, for a ring smaller than the stream (`Chunking`): the stream is cut into K chunks of
+Wc windows (C = Wc*T tokens, plus the next token; the last chunk holds the rest of the stream), and
+the ring holds a few chunks at a time. A *visit* v is one stay of a chunk in the ring; a row reads
+from the chunk of its visit only, so what is resident at a step is a function of the step alone.
+    chunk order: order(e, pos) = K-1 if pos == K-1 else perm(seed ^ SALT_CHUNKS, e)(pos) over K-1
+    sequential: o as above (identical to the whole-stream rule);  v = (w // M)*K + (w mod M) // Wc
+    shuffle:    e = w // M, i = w mod M, pos = i // Wc, v = e*K + pos, j = order(e, pos),
+                o = (j*Wc + perm(seed, v)(i - pos*Wc) over the Wc (last: M-(K-1)*Wc) windows of j) * T
+    random:     v = step // max(1, Wc // G), j = order(v // K, v mod K),
+                o = j*C + (h >> 1) mod (len_j - T)     uniform over the starts inside chunk j
+With K = 1 each rule reduces to the whole-stream one; the loader uses the chunked rule only when the
+ring is smaller than the stream (gpuload/ring.py).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -33,6 +49,7 @@ MIX_C1 = 0xBF58476D1CE4E5B9
 MIX_C2 = 0x94D049BB133111EB
 SALT_RANDOM = 0x243F6A8885A308D3  # digits of pi: arbitrary, fixed forever (they define the batches)
 SALT_SHUFFLE = 0x13198A2E03707344
+SALT_CHUNKS = 0xA4093822299F31D0
 FEISTEL_ROUNDS = 6
 
 
@@ -108,17 +125,131 @@ def feistel_permute(index: torch.Tensor, epoch: torch.Tensor, seed: int, num_win
     return x
 
 
-def window_starts(sampling: str, seed: int, step: int, rows: torch.Tensor, global_batch: int,
-                  num_tokens: int, seq_len: int) -> torch.Tensor:
-    """Start token `o` of the window for each global row in `rows` at `step` (int64, same device)."""
-    check_domain(step, global_batch, num_tokens)
-    rows = rows.to(torch.int64)
+@dataclass(frozen=True)
+class Chunking:
+    """The stream cut into chunks of `windows_per_chunk` windows, for a ring smaller than the stream."""
+
+    num_tokens: int
+    seq_len: int
+    global_batch: int
+    windows_per_chunk: int
+
+    def __post_init__(self):
+        if self.windows_per_chunk < self.global_batch:
+            raise ValueError(f"a chunk must hold at least one global batch of windows: windows_per_chunk="
+                             f"{self.windows_per_chunk} < global_batch={self.global_batch}")
+        if self.num_chunks < 2:
+            raise ValueError(f"windows_per_chunk={self.windows_per_chunk} covers the whole stream "
+                             f"({self.num_windows} windows); use the whole-stream rule (chunking=None)")
+
+    @property
+    def num_windows(self) -> int:
+        return windows_per_epoch(self.num_tokens, self.seq_len)
+
+    @property
+    def chunk_tokens(self) -> int:
+        """C: the stride between chunk starts in the stream."""
+        return self.windows_per_chunk * self.seq_len
+
+    @property
+    def num_chunks(self) -> int:
+        return -(-self.num_windows // self.windows_per_chunk)
+
+    @property
+    def last_windows(self) -> int:
+        return self.num_windows - (self.num_chunks - 1) * self.windows_per_chunk
+
+    @property
+    def steps_per_visit(self) -> int:
+        """random: steps that sample from one chunk before the next one (about one pass over its tokens)."""
+        return max(1, self.windows_per_chunk // self.global_batch)
+
+    @property
+    def max_chunk_tokens(self) -> int:
+        """Tokens a ring slot must hold: C + 1, or the last chunk, which also takes the stream's tail (< C + T)."""
+        return max(self.chunk_tokens + 1, self.chunk_length(self.num_chunks - 1))
+
+    def chunk_length(self, chunk: int) -> int:
+        """Tokens of chunk `chunk` in the ring: its windows plus the next token (the last: up to the end)."""
+        if chunk < self.num_chunks - 1:
+            return self.chunk_tokens + 1
+        return self.num_tokens - chunk * self.chunk_tokens
+
+    def visit_chunk(self, sampling: str, seed: int, visit: int) -> int:
+        """The chunk that visit `visit` brings into the ring."""
+        epoch, pos = divmod(visit, self.num_chunks)
+        if sampling == "sequential":
+            return pos
+        return int(chunk_order(seed, torch.tensor([epoch]), torch.tensor([pos]), self.num_chunks))
+
+    def step_visits(self, sampling: str, step: int) -> tuple[int, int]:
+        """First and last visit that the global rows of `step` read from."""
+        if sampling == "random":
+            visit = step // self.steps_per_visit
+            return visit, visit
+        first = step * self.global_batch
+        return self._visit(first), self._visit(first + self.global_batch - 1)
+
+    def _visit(self, w: int) -> int:
+        epoch, index = divmod(w, self.num_windows)
+        return epoch * self.num_chunks + index // self.windows_per_chunk
+
+
+def chunk_order(seed: int, epoch: torch.Tensor, pos: torch.Tensor, num_chunks: int) -> torch.Tensor:
+    """order(e, pos): the chunk at position `pos` of pass `epoch`; the short last chunk stays last."""
+    inner = feistel_permute(pos.clamp(max=num_chunks - 2), epoch, seed ^ SALT_CHUNKS, num_chunks - 1)
+    return torch.where(pos == num_chunks - 1, num_chunks - 1, inner)
+
+
+def _chunked_starts(sampling: str, seed: int, step: int, rows: torch.Tensor, c: Chunking) -> tuple[torch.Tensor, torch.Tensor]:
+    T, K, Wc, M = c.seq_len, c.num_chunks, c.windows_per_chunk, c.num_windows
     if sampling == "random":
-        return random_starts(seed, step, rows, num_tokens, seq_len)
+        visit = torch.full_like(rows, step // c.steps_per_visit)
+        chunk = chunk_order(seed, visit // K, visit % K, K)
+        valid_starts = torch.where(chunk == K - 1, c.chunk_length(K - 1) - T, c.chunk_tokens + 1 - T)
+        base = mix64_int(mix64_int(seed ^ SALT_RANDOM) + step)
+        h = mix64(rows + to_signed(base))
+        return chunk * c.chunk_tokens + _lsr(h, 1) % valid_starts, visit
+    w = rows + step * c.global_batch
+    epoch, index = w // M, w % M
+    pos = index // Wc
+    visit = epoch * K + pos
+    if sampling == "sequential":
+        return index * T, visit
+    within = index - pos * Wc
+    chunk = chunk_order(seed, epoch, pos, K)
+    # Rows of the short last chunk permute its fewer windows; compute both and pick per row.
+    full = feistel_permute(within, visit, seed, Wc)
+    last = feistel_permute(within.clamp(max=c.last_windows - 1), visit, seed, c.last_windows)
+    return (chunk * Wc + torch.where(chunk == K - 1, last, full)) * T, visit
+
+
+def window_starts(sampling: str, seed: int, step: int, rows: torch.Tensor, global_batch: int,
+                  num_tokens: int, seq_len: int, chunking: Optional[Chunking] = None) -> torch.Tensor:
+    """Start token `o` of the window for each global row in `rows` at `step` (int64, same device).
+
+    With `chunking`, the chunked rule for a ring smaller than the stream (see the module docstring).
+    """
+    return window_starts_and_visits(sampling, seed, step, rows, global_batch, num_tokens, seq_len, chunking)[0]
+
+
+def window_starts_and_visits(sampling: str, seed: int, step: int, rows: torch.Tensor, global_batch: int,
+                             num_tokens: int, seq_len: int,
+                             chunking: Optional[Chunking] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(window starts, ring visit of each row); visits are None for the whole-stream rule."""
+    check_domain(step, global_batch, num_tokens)
+    if sampling not in SAMPLING_MODES:
+        raise ValueError(f"unknown sampling {sampling!r}; expected one of {SAMPLING_MODES}")
+    rows = rows.to(torch.int64)
+    if chunking is not None:
+        if (chunking.num_tokens, chunking.seq_len, chunking.global_batch) != (num_tokens, seq_len, global_batch):
+            raise ValueError(f"{chunking} was made for another stream or shape than N={num_tokens}, "
+                             f"T={seq_len}, G={global_batch}")
+        return _chunked_starts(sampling, seed, step, rows, chunking)
+    if sampling == "random":
+        return random_starts(seed, step, rows, num_tokens, seq_len), None
     num_windows = windows_per_epoch(num_tokens, seq_len)
     w = rows + step * global_batch
     if sampling == "sequential":
-        return (w % num_windows) * seq_len
-    if sampling == "shuffle":
-        return feistel_permute(w % num_windows, w // num_windows, seed, num_windows) * seq_len
-    raise ValueError(f"unknown sampling {sampling!r}; expected one of {SAMPLING_MODES}")
+        return (w % num_windows) * seq_len, None
+    return feistel_permute(w % num_windows, w // num_windows, seed, num_windows) * seq_len, None

@@ -289,6 +289,19 @@ class TokenStream:
                         f"checkpoint.")
                 got += n
 
+    def advise(self, start: int, count: int) -> None:
+        """Tell the kernel that tokens [start, start+count) will be read soon (readahead); a hint, never fails."""
+        if not hasattr(os, "posix_fadvise"):
+            return
+        itemsize = self.dtype.itemsize
+        for shard, local, take, _ in self._pieces(start, count):
+            info = self.shards[shard]
+            try:
+                f = self._files.get(shard) or self._files.setdefault(shard, open(info.path, "rb", buffering=0))
+                os.posix_fadvise(f.fileno(), info.offset + local * itemsize, take * itemsize, os.POSIX_FADV_WILLNEED)
+            except OSError:
+                return  # the read that follows reports a missing or unreadable shard with its own message
+
     def close(self) -> None:
         """Close the files read_into opened (the memmaps go when the stream is dropped)."""
         files, self._files = self._files, {}

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gpuload import native
-from gpuload.sampling import (FEISTEL_ROUNDS, GOLDEN, MASK64, SALT_RANDOM, SALT_SHUFFLE, SAMPLING_IDS,
+from gpuload.sampling import (Chunking, FEISTEL_ROUNDS, GOLDEN, MASK64, SALT_RANDOM, SALT_SHUFFLE, SAMPLING_IDS,
                               feistel_half_bits, feistel_permute, mix64, mix64_int, random_starts, to_signed,
                               window_starts, windows_per_epoch)
 
@@ -134,6 +134,27 @@ def test_native_window_starts_equal_torch(mode, tmp_path):
             table.window_starts(SAMPLING_IDS[mode], seed, step, row0, 704, T, out)
             expected = window_starts(mode, seed, step, torch.arange(row0, row0 + 64), 704, N, T)
             assert out.tolist() == expected.tolist()
+
+
+@pytest.mark.skipif(not native.available(), reason="native extension not built")
+@pytest.mark.parametrize("mode", ["random", "shuffle", "sequential"])
+def test_native_chunked_window_starts_equal_torch(mode, tmp_path):
+    N = 3 * 2**31 + 7
+    path = tmp_path / "sparse.bin"
+    with open(path, "wb") as f:
+        f.truncate(2 * N)
+    table = native.module().ShardTable([np.memmap(path, dtype=np.uint16, mode="r")])
+    rng = random.Random(2)
+    out = np.empty(64, dtype=np.int64)
+    for T, windows_per_chunk in ((1, 704), (7, 1000), (1024, 2**20 + 3)):
+        chunking = Chunking(N, T, 704, windows_per_chunk)  # the last chunk is a short one in each case
+        for _ in range(5):
+            seed, step, row0 = rng.getrandbits(64), rng.choice([0, 3, 2**33]), rng.choice([0, 64, 640])
+            table.window_starts(SAMPLING_IDS[mode], seed, step, row0, 704, T, out, windows_per_chunk)
+            expected = window_starts(mode, seed, step, torch.arange(row0, row0 + 64), 704, N, T, chunking)
+            assert out.tolist() == expected.tolist()
+    with pytest.raises(ValueError, match="windows_per_chunk must be 0 or in"):
+        table.window_starts(0, 0, 0, 0, 704, 8, out, 703)
 
 
 def test_domain_limits():

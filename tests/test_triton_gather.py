@@ -13,7 +13,7 @@ import torch  # noqa: E402
 from gpuload.kernels import triton_gather  # noqa: E402
 from gpuload.kernels.gather import gather_reference  # noqa: E402
 from gpuload.kernels.triton_gather import gather_batch_triton  # noqa: E402
-from gpuload.sampling import MASK64, window_starts, windows_per_epoch  # noqa: E402
+from gpuload.sampling import MASK64, Chunking, window_starts, window_starts_and_visits, windows_per_epoch  # noqa: E402
 
 if triton_gather.interpreter_active():
     DEVICE = "cpu"
@@ -276,3 +276,37 @@ def test_bench_kernels_quick(tmp_path, capsys):
                                                             "triton-shuffle", "torch-random"}
     assert json.loads(out.read_text())["rows"] == result["rows"]
     assert "of copy" in capsys.readouterr().out
+
+
+def chunked_ring_case(stream_at, mode, seed, step, row0, batch, global_batch, chunking, num_slots, slot_tokens,
+                      token_dtype):
+    """A ring holding the visits `step` reads (as gpuload/ring.py lays them out) and the reference batch."""
+    rows = torch.arange(row0, row0 + batch)
+    starts, visits = window_starts_and_visits(mode, seed, step, rows, global_batch, chunking.num_tokens,
+                                              chunking.seq_len, chunking)
+    ring = torch.zeros(num_slots * slot_tokens, dtype=token_dtype)
+    for visit in set(visits.tolist()):
+        chunk = chunking.visit_chunk(mode, seed, visit)
+        length = chunking.chunk_length(chunk)
+        base = (visit % num_slots) * slot_tokens
+        ring[base:base + length] = stream_at(chunk * chunking.chunk_tokens, length)
+    windows = torch.stack([stream_at(o, chunking.seq_len + 1) for o in starts.tolist()]).to(torch.int64)
+    return ring, (windows[:, :-1], windows[:, 1:], starts)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("token_dtype", [torch.uint16, torch.uint32])
+@pytest.mark.parametrize("batch,seq_len", [(1, 1), (5, 7), (3, 129)])
+def test_chunked_ring_matches_reference(mode, token_dtype, batch, seq_len):
+    num_tokens, global_batch, seed = 20_011, 6, 77
+    tokens = random_tokens(num_tokens, token_dtype, seed=3)
+    windows_per_chunk = max(global_batch, 2000 // seq_len)
+    chunking = Chunking(num_tokens, seq_len, global_batch, windows_per_chunk)
+    slot_tokens = chunking.max_chunk_tokens + 5
+    for step, input_dtype in ((0, torch.int64), (7, torch.int32), (2**20 + 1, torch.int64)):
+        ring, want = chunked_ring_case(lambda o, n: tokens[o:o + n], mode, seed, step, 1, batch, global_batch,
+                                       chunking, 4, slot_tokens, token_dtype)
+        got = run(ring, mode, seed, step, 1, batch, global_batch, num_tokens, seq_len, input_dtype=input_dtype,
+                  chunking=chunking, num_slots=4, slot_tokens=slot_tokens)
+        assert_batch_equal(got, (want[0].to(input_dtype), want[1], want[2]), input_dtype)
+

@@ -20,14 +20,16 @@ import torch
 import triton
 import triton.language as tl
 
-from gpuload.sampling import (FEISTEL_ROUNDS, MIX_C1, MIX_C2, SALT_RANDOM, SALT_SHUFFLE, SAMPLING_IDS,
-                              SAMPLING_MODES, check_domain, feistel_half_bits, to_signed, windows_per_epoch)
+from gpuload.sampling import (FEISTEL_ROUNDS, MIX_C1, MIX_C2, SALT_CHUNKS, SALT_RANDOM, SALT_SHUFFLE, SAMPLING_IDS,
+                              SAMPLING_MODES, Chunking, check_domain, feistel_half_bits, to_signed,
+                              windows_per_epoch)
 
 # Module globals used inside @triton.jit must be constexpr. Values >= 2**63 become uint64 constants.
 _MIX_C1 = tl.constexpr(MIX_C1)
 _MIX_C2 = tl.constexpr(MIX_C2)
 _SALT_RANDOM = tl.constexpr(SALT_RANDOM)
 _SALT_SHUFFLE = tl.constexpr(SALT_SHUFFLE)
+_SALT_CHUNKS = tl.constexpr(SALT_CHUNKS)
 _FEISTEL_ROUNDS = tl.constexpr(FEISTEL_ROUNDS)
 
 # The kernel unrolls the Feistel rounds with one key per round; a new round count is a new contract.
@@ -66,33 +68,70 @@ def _feistel_encrypt(x, half, mask, k0, k1, k2, k3, k4, k5):
 
 
 @triton.jit
-def _window_start(seed, step, row, global_batch, num_tokens, num_windows, seq_len, half, SAMPLING: tl.constexpr):
-    """Window start of global row `row` at `step`; every argument and the result are uint64 scalars."""
+def _feistel_permute(index, epoch, seed_key, n, half):
+    """perm(seed, epoch)(index) over [0, n), seed_key = mix64(seed ^ SALT_SHUFFLE); uint64 scalars."""
+    key_base = epoch * _FEISTEL_ROUNDS + seed_key
+    k0 = _mix64(key_base)
+    k1 = _mix64(key_base + 1)
+    k2 = _mix64(key_base + 2)
+    k3 = _mix64(key_base + 3)
+    k4 = _mix64(key_base + 4)
+    k5 = _mix64(key_base + 5)
+    mask = (tl.full((), 1, tl.uint64) << half) - 1
+    # Cycle walking: the domain 4**half is < 4 * n, so ~1.3 walks on average; the scalar loop is per
+    # program (one row), so lanes never diverge.
+    x = _feistel_encrypt(index, half, mask, k0, k1, k2, k3, k4, k5)
+    while x >= n:
+        x = _feistel_encrypt(x, half, mask, k0, k1, k2, k3, k4, k5)
+    return x
+
+
+@triton.jit
+def _chunk_order(seed, epoch, pos, num_chunks, half_chunks):
+    """order(e, pos) of the chunked rule: the short last chunk stays last, the others are permuted."""
+    chunk_key = _mix64(seed ^ _SALT_CHUNKS ^ _SALT_SHUFFLE)
+    last = num_chunks - 1
+    inner = _feistel_permute(tl.minimum(pos, last - 1), epoch, chunk_key, last, half_chunks)
+    return tl.where(pos == last, last, inner)
+
+
+@triton.jit
+def _window_start(seed, step, row, global_batch, num_tokens, num_windows, seq_len, half,
+                  windows_per_chunk, num_chunks, chunk_tokens, last_windows, last_length, steps_per_visit,
+                  half_last, half_chunks, SAMPLING: tl.constexpr, CHUNKED: tl.constexpr):
+    """(window start, ring visit) of global row `row` at `step`; uint64 scalars. The visit is 0 unless CHUNKED."""
+    visit = tl.zeros((), tl.uint64)
     if SAMPLING == 0:
         h = _mix64(_mix64(_mix64(seed ^ _SALT_RANDOM) + step) + row)
-        start = (h >> 1) % (num_tokens - seq_len)
+        if CHUNKED:
+            visit = step // steps_per_visit
+            epoch = visit // num_chunks
+            chunk = _chunk_order(seed, epoch, visit - epoch * num_chunks, num_chunks, half_chunks)
+            valid = tl.where(chunk == num_chunks - 1, last_length - seq_len, chunk_tokens + 1 - seq_len)
+            start = chunk * chunk_tokens + (h >> 1) % valid
+        else:
+            start = (h >> 1) % (num_tokens - seq_len)
     else:
         w = step * global_batch + row
+        epoch = w // num_windows
+        index = w - epoch * num_windows
+        if CHUNKED:
+            pos = index // windows_per_chunk
+            visit = epoch * num_chunks + pos
         if SAMPLING == 2:
-            start = (w % num_windows) * seq_len
+            start = index * seq_len
         else:
-            epoch = w // num_windows
-            index = w - epoch * num_windows
-            key_base = epoch * _FEISTEL_ROUNDS + _mix64(seed ^ _SALT_SHUFFLE)
-            k0 = _mix64(key_base)
-            k1 = _mix64(key_base + 1)
-            k2 = _mix64(key_base + 2)
-            k3 = _mix64(key_base + 3)
-            k4 = _mix64(key_base + 4)
-            k5 = _mix64(key_base + 5)
-            mask = (tl.full((), 1, tl.uint64) << half) - 1
-            # Cycle walking: the domain 4**half is < 4 * num_windows, so ~1.3 walks on average; the
-            # scalar loop is per program (one row), so lanes never diverge.
-            x = _feistel_encrypt(index, half, mask, k0, k1, k2, k3, k4, k5)
-            while x >= num_windows:
-                x = _feistel_encrypt(x, half, mask, k0, k1, k2, k3, k4, k5)
-            start = x * seq_len
-    return start
+            seed_key = _mix64(seed ^ _SALT_SHUFFLE)
+            if CHUNKED:
+                chunk = _chunk_order(seed, epoch, pos, num_chunks, half_chunks)
+                is_last = chunk == num_chunks - 1
+                within = _feistel_permute(index - pos * windows_per_chunk, visit, seed_key,
+                                          tl.where(is_last, last_windows, windows_per_chunk),
+                                          tl.where(is_last, half_last, half))
+                start = (chunk * windows_per_chunk + within) * seq_len
+            else:
+                start = _feistel_permute(index, epoch, seed_key, num_windows, half) * seq_len
+    return start, visit
 
 
 @triton.jit(do_not_specialize=["seed", "step", "row0", "token_offset"])
@@ -113,7 +152,18 @@ def _gather_batch_kernel(
     token_offset: tl.int64,
     num_resident: tl.int64,
     num_col_blocks: tl.int64,
+    windows_per_chunk: tl.int64,
+    num_chunks: tl.int64,
+    chunk_tokens: tl.int64,
+    last_windows: tl.int64,
+    last_length: tl.int64,
+    steps_per_visit: tl.int64,
+    half_last: tl.int64,
+    half_chunks: tl.int64,
+    num_slots: tl.int64,
+    slot_tokens: tl.int64,
     SAMPLING: tl.constexpr,
+    CHUNKED: tl.constexpr,
     STEP_FROM_PTR: tl.constexpr,
     WRITE_STARTS: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -132,18 +182,27 @@ def _gather_batch_kernel(
     # Scalar work per program (sm_90 PTX: 7 multiplies and one u64 remainder for random, 41 multiplies
     # for shuffle plus 12 per extra walk), redone by each column block rather than staged through
     # memory: cheaper than a second launch or a grid-wide barrier.
-    start_u = _window_start(seed.to(tl.uint64), step_u, (row0 + row).to(tl.uint64),
-                            global_batch.to(tl.uint64), num_tokens.to(tl.uint64), num_windows.to(tl.uint64),
-                            seq_len.to(tl.uint64), feistel_half.to(tl.uint64), SAMPLING)
+    start_u, visit_u = _window_start(
+        seed.to(tl.uint64), step_u, (row0 + row).to(tl.uint64), global_batch.to(tl.uint64),
+        num_tokens.to(tl.uint64), num_windows.to(tl.uint64), seq_len.to(tl.uint64), feistel_half.to(tl.uint64),
+        windows_per_chunk.to(tl.uint64), num_chunks.to(tl.uint64), chunk_tokens.to(tl.uint64),
+        last_windows.to(tl.uint64), last_length.to(tl.uint64), steps_per_visit.to(tl.uint64),
+        half_last.to(tl.uint64), half_chunks.to(tl.uint64), SAMPLING, CHUNKED)
     # start < num_tokens < 2**63, so the int64 with the same bits is the same number.
     start = start_u.to(tl.int64, bitcast=True)
     if WRITE_STARTS:
         tl.store(starts_ptr + row, start, mask=col_block == 0)
 
+    # Where the window lies in `tokens`: a stretch of the stream from token_offset on, or (CHUNKED) the
+    # ring slot of the row's visit, holding the chunk that contains the window (gpuload/ring.py).
+    if CHUNKED:
+        src0 = ((visit_u % num_slots.to(tl.uint64)) * slot_tokens.to(tl.uint64)
+                + start_u % chunk_tokens.to(tl.uint64)).to(tl.int64, bitcast=True)
+    else:
+        src0 = start - token_offset
     # One scalar residency test per row, folded into the column bound so the element masks stay
     # uniform across BLOCK; a window outside the resident span is never read and comes out as -1,
     # which no token can be, instead of an illegal address.
-    src0 = start - token_offset
     resident = (src0 >= 0) & (src0 + seq_len + 1 <= num_resident)
     read_limit = tl.where(resident, seq_len, 0)
 
@@ -168,11 +227,20 @@ def _block_size(batch: int, seq_len: int) -> int:
 
 
 def gather_batch_forward(tokens, x, y, starts, step_tensor, mode_id, seed, step, row0, global_batch, num_tokens,
-                         seq_len, token_offset, block):
+                         seq_len, token_offset, block, chunking=None, num_slots=1, slot_tokens=0):
     """Launch the kernel on validated arguments: `tokens` unsigned 1-D, `seed`/`step` as int64 bits."""
     num_col_blocks = triton.cdiv(seq_len, block)
     num_windows = windows_per_epoch(num_tokens, seq_len)
     batch = x.shape[0]
+    if chunking is None:
+        chunk_args = (0, 1, 1, 1, 1, 1, 1, 1)
+    else:
+        c = chunking
+        chunk_args = (c.windows_per_chunk, c.num_chunks, c.chunk_tokens, c.last_windows,
+                      c.chunk_length(c.num_chunks - 1), c.steps_per_visit, feistel_half_bits(c.last_windows),
+                      feistel_half_bits(c.num_chunks - 1))
+        # The whole-stream Feistel width is unused when chunked; within-chunk permutations of full chunks use it.
+        num_windows_half = feistel_half_bits(c.windows_per_chunk)
     # 8 tokens per thread: x and y go out as 16 B vector stores when T % 16 == 0 (Triton specializes
     # seq_len on it); token loads stay scalar, since a window start has no known alignment, but each
     # warp instruction still covers one contiguous stretch.
@@ -181,9 +249,11 @@ def gather_batch_forward(tokens, x, y, starts, step_tensor, mode_id, seed, step,
         tokens, x, y,
         starts if starts is not None else y,
         step_tensor if step_tensor is not None else y,
-        seed, step, row0, global_batch, num_tokens, num_windows, seq_len, feistel_half_bits(num_windows),
-        token_offset, tokens.numel(), num_col_blocks,
+        seed, step, row0, global_batch, num_tokens, num_windows, seq_len,
+        feistel_half_bits(num_windows) if chunking is None else num_windows_half,
+        token_offset, tokens.numel(), num_col_blocks, *chunk_args, num_slots, slot_tokens,
         SAMPLING=mode_id,
+        CHUNKED=chunking is not None,
         STEP_FROM_PTR=step_tensor is not None,
         WRITE_STARTS=starts is not None,
         BLOCK=block,
@@ -213,7 +283,8 @@ def gather_batch_triton(tokens: torch.Tensor, sampling: str, seed: int, step, ro
                         global_batch: int, num_tokens: int, seq_len: int, out_x: torch.Tensor | None = None,
                         out_y: torch.Tensor | None = None, input_dtype: torch.dtype = torch.int64,
                         token_offset: int = 0, out_starts: torch.Tensor | None = None,
-                        block_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                        block_size: int | None = None, chunking: Chunking | None = None, num_slots: int = 1,
+                        slot_tokens: int = 0, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows row0 .. row0+batch-1 of the global batch at `step`, in one launch: (x (B, T), y (B, T)).
 
     `tokens` holds stream positions [token_offset, token_offset + len(tokens)) of a stream of
@@ -221,8 +292,16 @@ def gather_batch_triton(tokens: torch.Tensor, sampling: str, seed: int, step, ro
     i.e. as views of unsigned tokens). The caller guarantees every window is resident; a window that
     is not comes out as rows of -1. `seed` is taken modulo 2**64 (like csrc/sampling.h). `step` is an
     int inside the contract's domain (gpuload.sampling.check_domain) or a 1-element int64 tensor on the
-    tokens' device (read by the kernel, so a captured CUDA graph replays with the step advanced in place). `out_starts`, if given, is a
-    (batch,) int64 tensor that receives the window starts. `block_size` overrides the column block.
+    tokens' device (read by the kernel, so a captured CUDA graph replays with the step advanced in
+    place). `out_starts`, if given, is a (batch,) int64 tensor that receives the window starts.
+    `block_size` overrides the column block.
+
+    With `chunking` (gpuload.sampling.Chunking), the chunked rule, and `tokens` is a ring of `num_slots`
+    slots of `slot_tokens` tokens: visit v's chunk j sits in slot v mod num_slots, stream position j*C
+    at the slot's start (gpuload/ring.py keeps them there; `token_offset` must be 0).
+
+    `device` is where the batch goes (default: the tokens' device). A CUDA device with `tokens` in
+    pinned host memory is the zero-copy case: the kernel reads the host tokens through unified addressing.
     """
     if not isinstance(tokens, torch.Tensor) or tokens.dim() != 1 or tokens.dtype not in _TOKEN_DTYPES:
         found = f"{tokens.dim()}-D {tokens.dtype}" if isinstance(tokens, torch.Tensor) else type(tokens).__name__
@@ -230,7 +309,10 @@ def gather_batch_triton(tokens: torch.Tensor, sampling: str, seed: int, step, ro
                          f"of one), found {found}")
     if tokens.stride(0) != 1:
         raise ValueError("gather_batch_triton: tokens must be contiguous (stride 1); pass tokens.contiguous()")
-    device = tokens.device
+    device = tokens.device if device is None else torch.device(device)
+    if device != tokens.device and not (device.type == "cuda" and tokens.device.type == "cpu" and tokens.is_pinned()):
+        raise ValueError(f"gather_batch_triton: tokens on {tokens.device} cannot be read by a kernel on {device}; "
+                         f"pass tokens on {device}, or in pinned host memory (tensor.pin_memory()) for zero-copy")
     if device.type != "cuda" and not interpreter_active():
         raise RuntimeError(f"gather_batch_triton: tokens are on {device}, and Triton kernels run on a CUDA device; "
                            "to run on the CPU set TRITON_INTERPRET=1 before importing triton, or move the tokens "
@@ -246,10 +328,19 @@ def gather_batch_triton(tokens: torch.Tensor, sampling: str, seed: int, step, ro
     if not seq_len + 1 <= num_tokens < 1 << 63:
         raise ValueError(f"gather_batch_triton: num_tokens={num_tokens} must be in [seq_len + 1, 2**63) for "
                          f"seq_len={seq_len}: a window is seq_len + 1 tokens")
-    if token_offset < 0 or token_offset + tokens.numel() > num_tokens or tokens.numel() < seq_len + 1:
+    if chunking is None and (token_offset < 0 or token_offset + tokens.numel() > num_tokens
+                             or tokens.numel() < seq_len + 1):
         raise ValueError(f"gather_batch_triton: tokens ({tokens.numel()} at stream position {token_offset}) must "
                          f"hold at least one window of {seq_len + 1} tokens and lie inside the stream of "
                          f"{num_tokens} tokens")
+    if chunking is not None:
+        if (chunking.num_tokens, chunking.seq_len, chunking.global_batch) != (num_tokens, seq_len, global_batch):
+            raise ValueError(f"gather_batch_triton: {chunking} was made for another stream or shape than "
+                             f"num_tokens={num_tokens}, seq_len={seq_len}, global_batch={global_batch}")
+        if token_offset != 0 or slot_tokens < chunking.max_chunk_tokens or tokens.numel() < num_slots * slot_tokens:
+            raise ValueError(f"gather_batch_triton: a chunked ring needs token_offset=0 and {num_slots} slots of at "
+                             f"least {chunking.max_chunk_tokens} tokens; found token_offset={token_offset}, "
+                             f"slot_tokens={slot_tokens}, {tokens.numel()} tokens")
     if isinstance(step, torch.Tensor):
         if step.dtype != torch.int64 or step.numel() != 1 or step.device != device:
             raise ValueError(f"gather_batch_triton: a tensor step must be one int64 value on {device}, found "
@@ -269,9 +360,9 @@ def gather_batch_triton(tokens: torch.Tensor, sampling: str, seed: int, step, ro
     starts = None if out_starts is None else _check_out("out_starts", out_starts, (batch,), torch.int64, device)
     tokens = tokens.view(_TOKEN_DTYPES[tokens.dtype])
     launch = (tokens, x, y, starts, step_tensor, SAMPLING_IDS[sampling], to_signed(int(seed)), step_bits, row0,
-              global_batch, num_tokens, seq_len, token_offset, block_size)
+              global_batch, num_tokens, seq_len, token_offset, block_size, chunking, num_slots, slot_tokens)
     if device.type == "cuda":
-        # Triton launches on the current device; make it the tokens' one.
+        # Triton launches on the current device; make it the batch's one.
         with torch.cuda.device(device):
             return gather_batch_forward(*launch)
     return gather_batch_forward(*launch)

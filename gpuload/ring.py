@@ -1,0 +1,316 @@
+"""The ring: stream tokens held in memory for the gather, filled in bulk by a background thread.
+
+Layout. `plan_ring` picks one of two layouts:
+- whole stream (the default when it fits `default_ring_bytes()`, or `ring_tokens >= N`): one slot holds
+  every token, filled once; batches follow the whole-stream contract (gpuload/sampling.py).
+- chunked (`ring_tokens < N`): NUM_SLOTS page-aligned slots, each holding one chunk of the stream
+  (`sampling.Chunking`). Visit v (one stay of a chunk) lives in slot v mod NUM_SLOTS. Which visits a
+  step reads is a function of the step (`Chunking.step_visits`), so batches never depend on I/O timing:
+  the consumer waits until its visits are loaded, and the filler overwrites a slot only once the
+  consumer has moved past its visit (a step reads at most 3 visits, so 4 slots leave one filling ahead).
+
+Placement on CUDA: "device" keeps a device copy of every slot, refreshed by async copies from the
+pinned host slot on a side stream (the gather waits on the copy's event; the filler waits on the
+gather's event before reusing the slot); "zero-copy" lets the kernel read the pinned host slots through
+unified addressing (the filler waits on the gather's event before overwriting). On the CPU the ring is
+ordinary memory and the gather reads it in place.
+
+Faults. An exception in the filler (a shard deleted or truncated, a read error) is raised by the next
+`acquire()`, i.e. the loader's next `next()`. The filler is a daemon thread that holds no reference to
+the Ring, so an unclosed loader neither hangs interpreter exit nor outlives its last reference.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import threading
+import weakref
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+
+from gpuload.sampling import Chunking
+from gpuload.shards import TokenStream
+
+PLACEMENTS = ("device", "zero-copy")
+NUM_SLOTS = 4
+PAGE_BYTES = 4096
+FILL_PIECE_BYTES = 16 << 20  # one read and one H2D copy; small enough for a prompt stop, large enough for bulk speed
+DEFAULT_RING_BYTES = 4 << 30
+WAIT_POLL_S = 0.2
+
+_TORCH_TOKEN_DTYPES = {np.dtype(np.uint16): torch.uint16, np.dtype(np.uint32): torch.uint32}
+
+
+def default_ring_bytes() -> int:
+    """The whole stream goes in the ring up to min(4 GiB, 1/8 of physical memory); larger streams are chunked."""
+    try:
+        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return DEFAULT_RING_BYTES
+    return min(DEFAULT_RING_BYTES, physical // 8)
+
+
+@dataclass(frozen=True)
+class RingLayout:
+    """Where stream tokens live in the ring: `chunking` None means one slot holding the whole stream."""
+
+    chunking: Optional[Chunking]
+    num_slots: int
+    slot_tokens: int  # the stride between slots
+
+    @property
+    def ring_tokens(self) -> int:
+        return self.num_slots * self.slot_tokens
+
+
+def plan_ring(num_tokens: int, itemsize: int, seq_len: int, global_batch: int,
+              ring_tokens: Optional[int] = None) -> RingLayout:
+    """The layout for a stream of `num_tokens`; `ring_tokens` None = the whole stream within the default budget."""
+    if ring_tokens is None:
+        budget = default_ring_bytes() // itemsize
+        ring_tokens = num_tokens if num_tokens <= budget else budget
+    if ring_tokens >= num_tokens:
+        return RingLayout(None, 1, num_tokens)
+    page = PAGE_BYTES // itemsize
+    slot = ring_tokens // NUM_SLOTS // page * page
+    windows_per_chunk = (slot - seq_len) // seq_len if slot > seq_len else 0
+    if windows_per_chunk < global_batch:
+        need = NUM_SLOTS * (-(-((global_batch + 1) * seq_len) // page) * page)
+        raise ValueError(
+            f"ring_tokens={ring_tokens} is too small for global batch {global_batch} x seq_len {seq_len}: each of the "
+            f"ring's {NUM_SLOTS} slots must hold one global batch of windows, so ring_tokens must be at least {need} "
+            f"(or at least the stream's {num_tokens} tokens to hold it whole)")
+    return RingLayout(Chunking(num_tokens, seq_len, global_batch, windows_per_chunk), NUM_SLOTS, slot)
+
+
+_live_fillers: "weakref.WeakSet[_Filler]" = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_fillers_at_exit() -> None:
+    # Stop the fillers while the interpreter is whole: a parked filler woken during finalization (by a
+    # Ring's __del__) made the process abort with "terminate called without an active exception".
+    for filler in list(_live_fillers):
+        filler.stop()
+
+
+def _allocate_host(count: int, dtype: torch.dtype, pinned: bool) -> torch.Tensor:
+    return torch.empty(count, dtype=dtype, pin_memory=pinned)
+
+
+class _Filler:
+    """The background side of the ring: fills visit after visit, never more than the free slots allow."""
+
+    def __init__(self, ring: "Ring", first_visit: int):
+        self.stream, self.layout = ring.stream, ring.layout
+        self.sampling, self.seed = ring.sampling, ring.seed
+        self.host, self.device_ring, self.side_stream = ring.host, ring.device_ring, ring.side_stream
+        self.slot_read, self.slot_copied = ring.slot_read, ring.slot_copied
+        self.cond = threading.Condition()
+        self.low = first_visit       # the consumer's lowest visit still needed; slots of older visits are free
+        self.ready = first_visit - 1  # every visit in (ready - num_slots, ready] is resident
+        self.stopped = False
+        self.error: Optional[BaseException] = None
+        self.thread = threading.Thread(target=self._run, args=(first_visit,), name="gpuload-ring-fill", daemon=True)
+        self.thread.start()
+        _live_fillers.add(self)
+
+    def _run(self, visit: int) -> None:
+        try:
+            whole = self.layout.chunking is None
+            while True:
+                with self.cond:
+                    while not self.stopped and visit - self.layout.num_slots >= self.low:
+                        self.cond.wait()
+                    if self.stopped:
+                        return
+                if not self._fill(visit):
+                    return
+                with self.cond:
+                    self.ready = visit
+                    self.cond.notify_all()
+                if whole:
+                    return
+                visit += 1
+        except BaseException as e:  # surfaces in the training loop at the next acquire()
+            with self.cond:
+                self.error = e
+                self.cond.notify_all()
+
+    def _chunk_span(self, visit: int) -> tuple[int, int]:
+        chunking = self.layout.chunking
+        if chunking is None:
+            return 0, self.stream.num_tokens
+        chunk = chunking.visit_chunk(self.sampling, self.seed, visit)
+        return chunk * chunking.chunk_tokens, chunking.chunk_length(chunk)
+
+    def _fill(self, visit: int) -> bool:
+        """Load visit `visit` into its slot; False when stopped meanwhile."""
+        slot = visit % self.layout.num_slots
+        start, count = self._chunk_span(visit)
+        if self.layout.chunking is not None:
+            self.stream.advise(*self._chunk_span(visit + 1))  # disk readahead for the next visit while this one reads
+        # The gathers that read this slot's previous visit must be done before it is overwritten.
+        if self.slot_read[slot] is not None:
+            if self.device_ring is None:
+                self.slot_read[slot].synchronize()
+            else:
+                self.side_stream.wait_event(self.slot_read[slot])
+        if self.slot_copied[slot] is not None:
+            self.slot_copied[slot].synchronize()  # the host slot is the source of an H2D copy still in flight
+        base = slot * self.layout.slot_tokens
+        piece = max(1, FILL_PIECE_BYTES // self.host.element_size())
+        for offset in range(0, count, piece):
+            if self.stopped:
+                return False
+            n = min(piece, count - offset)
+            host_part = self.host[base + offset:base + offset + n]
+            self.stream.read_into(host_part.numpy(), start + offset)
+            if self.device_ring is not None:
+                with torch.cuda.stream(self.side_stream):
+                    self.device_ring[base + offset:base + offset + n].copy_(host_part, non_blocking=True)
+        if self.device_ring is not None:
+            copied = torch.cuda.Event()
+            copied.record(self.side_stream)
+            self.slot_copied[slot] = copied
+        return True
+
+    def release_below(self, visit: int) -> None:
+        with self.cond:
+            if visit > self.low:
+                self.low = visit
+                self.cond.notify_all()
+
+    def wait_ready(self, visit: int, what: str) -> None:
+        with self.cond:
+            while self.ready < visit:
+                if self.error is not None:
+                    raise self.error
+                if self.stopped:
+                    raise RuntimeError(f"the loader was closed while next() waited for {what}")
+                if not self.thread.is_alive():
+                    raise RuntimeError(f"gpuload's ring fill thread stopped before loading {what}")
+                self.cond.wait(WAIT_POLL_S)
+
+    def stop(self) -> None:
+        with self.cond:
+            self.stopped = True
+            self.cond.notify_all()
+        if self.thread is not threading.current_thread():
+            self.thread.join()
+
+
+class Ring:
+    """Stream tokens resident for the gather: `acquire(step)` -> the tensor to read, `release(step)` after the launch."""
+
+    def __init__(self, stream: TokenStream, layout: RingLayout, sampling: str, seed: int, device: torch.device,
+                 placement: str = "device"):
+        if placement not in PLACEMENTS:
+            raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
+        self.stream, self.layout, self.sampling, self.seed = stream, layout, sampling, seed
+        self.device, self.placement = device, placement
+        cuda = device.type == "cuda"
+        dtype = _TORCH_TOKEN_DTYPES[stream.dtype]
+        nbytes = layout.ring_tokens * stream.dtype.itemsize
+        self.device_ring: Optional[torch.Tensor] = None
+        self.side_stream = None
+        if cuda and placement == "device":
+            free, _ = torch.cuda.mem_get_info(device)
+            if nbytes > free // 2:
+                raise ValueError(
+                    f"the ring ({nbytes / 2**30:.2f} GiB) is more than half of the {free / 2**30:.2f} GiB free on "
+                    f"{device}: pass a smaller ring_tokens= (now {layout.ring_tokens}), or placement='zero-copy' to "
+                    f"keep the ring in pinned host memory")
+            self.device_ring = torch.empty(layout.ring_tokens, dtype=dtype, device=device)
+            self.side_stream = torch.cuda.Stream(device)
+        try:
+            self.host = _allocate_host(layout.ring_tokens, dtype, pinned=cuda)
+        except RuntimeError as e:
+            raise MemoryError(
+                f"could not allocate the ring: {layout.ring_tokens} tokens ({nbytes / 2**30:.2f} GiB) of "
+                f"{'pinned (page-locked) ' if cuda else ''}host memory ({e}). Pass a smaller ring_tokens= to GPULoader "
+                f"(at least {NUM_SLOTS} slots of one global batch of windows), or free host memory.") from e
+        # Per slot: the event after the last gather that read it, and (device placement) after its H2D copy.
+        self.slot_read: list = [None] * layout.num_slots
+        self.slot_copied: list = [None] * layout.num_slots
+        self.filler: Optional[_Filler] = None
+
+    @property
+    def tokens(self) -> torch.Tensor:
+        """What the gather reads: the device ring, or the host ring (zero-copy on CUDA, in place on the CPU)."""
+        return self.device_ring if self.device_ring is not None else self.host
+
+    def visits(self, step: int) -> tuple[int, int]:
+        chunking = self.layout.chunking
+        return (0, 0) if chunking is None else chunking.step_visits(self.sampling, step)
+
+    def acquire(self, step: int) -> torch.Tensor:
+        """Wait until every token step `step` reads is resident; the returned tensor is safe to read on the current stream."""
+        first, last = self.visits(step)
+        filler = self.filler
+        # A jump backwards (resume) or far ahead restarts the fill at the step's first visit.
+        if filler is None or first < filler.low or first > max(filler.ready, filler.low) + self.layout.num_slots:
+            self._restart(first)
+            filler = self.filler
+        filler.release_below(first)
+        filler.wait_ready(last, f"the tokens of step {step}")
+        if self.device_ring is not None:
+            if self.layout.chunking is None and self.host is not None:
+                # The whole stream is on the device for good: free its pinned staging copy.
+                self.slot_copied[0].synchronize()
+                self.host = filler.host = None
+                return self.tokens
+            current = torch.cuda.current_stream(self.device)
+            for visit in range(first, last + 1):
+                copied = self.slot_copied[visit % self.layout.num_slots]
+                if copied is not None:
+                    current.wait_event(copied)
+        return self.tokens
+
+    def release(self, step: int) -> None:
+        """Mark the slots of `step` as read by the work just queued on the current stream (CUDA)."""
+        if self.device.type != "cuda":
+            return
+        first, last = self.visits(step)
+        read = torch.cuda.Event()
+        read.record(torch.cuda.current_stream(self.device))
+        for visit in range(first, last + 1):
+            self.slot_read[visit % self.layout.num_slots] = read
+
+    def ring_positions(self, starts: torch.Tensor, visits: Optional[torch.Tensor]) -> torch.Tensor:
+        """Where each window start `starts` (stream positions) of visit `visits` lies in the ring."""
+        chunking = self.layout.chunking
+        if chunking is None:
+            return starts
+        return (visits % self.layout.num_slots) * self.layout.slot_tokens + starts % chunking.chunk_tokens
+
+    def _restart(self, first_visit: int) -> None:
+        if self.filler is not None:
+            self.filler.stop()
+        self.filler = _Filler(self, first_visit)
+
+    def reset(self, seed: int) -> None:
+        """Take another seed (a resume): it reorders the chunks, so a chunked ring refills at the next acquire."""
+        if self.filler is not None and self.layout.chunking is not None:
+            self.filler.stop()
+            self.filler = None
+        self.seed = seed
+
+    def close(self) -> None:
+        """Stop the filler and free the ring (pinned memory included) once queued gathers are done."""
+        if self.filler is not None:
+            self.filler.stop()
+            self.filler = None
+        for event in self.slot_read:
+            if event is not None:
+                event.synchronize()
+        self.host = self.device_ring = None
+
+    def __del__(self):
+        filler = getattr(self, "filler", None)
+        if filler is not None:
+            filler.stop()
