@@ -16,19 +16,10 @@ import tempfile
 import time
 
 import numpy as np
-import torch
 
 from gpuload import GPULoader, native
+from gpuload.bench.providers import nanogpt_get_batch
 from gpuload.machine import benchmark_result, machine_info, machine_line
-
-
-def nanogpt_get_batch(path: str, batch_size: int, block_size: int):
-    """nanoGPT's train.py get_batch on the CPU: memmap re-created per batch, per-row slices, torch.stack."""
-    data = np.memmap(path, dtype=np.uint16, mode="r")
-    ix = torch.randint(len(data) - block_size, (batch_size,))
-    x = torch.stack([torch.from_numpy((data[i:i + block_size]).astype(np.int64)) for i in ix])
-    y = torch.stack([torch.from_numpy((data[i + 1:i + 1 + block_size]).astype(np.int64)) for i in ix])
-    return x, y
 
 
 def make_providers(path: str, batch_size: int, seq_len: int) -> dict:

@@ -1,4 +1,4 @@
-"""The `gpuload` command: prepare, inspect and demo."""
+"""The `gpuload` command: bench, prepare, inspect and demo."""
 
 from __future__ import annotations
 
@@ -52,16 +52,35 @@ def positive(text: str) -> int:
     return value
 
 
+def positive_list(text: str) -> list[int]:
+    """Parse one or more whole numbers >= 1: 8 or 8,32 (a repeated option adds more)."""
+    return [positive(part) for part in text.split(",")]
+
+
+def name_list(text: str) -> list[str]:
+    """Parse a comma-separated list of names: nanogpt,gpuload-cpu-native."""
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected one or more comma-separated names, found {text!r}")
+    return names
+
+
+def _flatten(lists):
+    """[[8, 32], [8, 64]] -> [8, 32, 64]: repeated options and comma lists, first occurrence kept; None stays None."""
+    return None if lists is None else list(dict.fromkeys(v for values in lists for v in values))
+
+
 def _user_errors() -> tuple:
     """Errors that are the user's to fix: shown as one line, no traceback (GPULOAD_DEBUG=1 shows it).
 
     Only the project's own types: a ValueError from a bug must not pass as bad input. The modules are
     those the commands import anyway, so importing them here costs nothing on the error path.
     """
+    from gpuload.bench import BenchError
     from gpuload.encodings import EncodingError
     from gpuload.prepare import PrepareError
     from gpuload.shards import ShardError
-    return (PrepareError, EncodingError, ShardError) + OS_USER_ERRORS
+    return (BenchError, PrepareError, EncodingError, ShardError) + OS_USER_ERRORS
 
 
 def unescape(text: str) -> str:
@@ -119,6 +138,16 @@ def _inspect(args) -> int:
     return 0
 
 
+def _bench(args) -> int:
+    from gpuload.bench.runner import run_bench
+
+    run_bench(data=args.data, cache_dir=args.cache_dir, batch_sizes=_flatten(args.batch_size),
+              seq_lens=_flatten(args.seq_len), steps=args.steps, device=args.device,
+              providers=_flatten(args.providers), quick=args.quick, json_path=args.json, plot_path=args.plot,
+              argv=args.argv)
+    return 0
+
+
 def _demo(args) -> int:
     from gpuload.demo import run_demo
 
@@ -131,6 +160,32 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gpuload", description="Token shards in, (B, T) GPU batches out.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
+
+    p = commands.add_parser(
+        "bench", help="time gpuload against nanoGPT's get_batch, a torch DataLoader and nanochat's loader",
+        description="Time every loader on the same shards and batch shapes and print one table: median and "
+                    "p10-p90 microseconds per batch, tokens/s, host CPU time per batch, speedup vs nanoGPT's "
+                    "get_batch. Without --data, a synthetic demo dataset (400 MB of llm.c shards) is written "
+                    "to the cache directory on first use and reused afterwards.")
+    p.add_argument("--data", metavar="GLOB", help="your shards: a file, directory or quoted glob (default: the demo dataset)")
+    p.add_argument("--cache-dir", metavar="DIR",
+                   help="where the demo dataset is kept (default: $XDG_CACHE_HOME/gpuload, else ~/.cache/gpuload)")
+    p.add_argument("--batch-size", type=positive_list, action="append", metavar="B[,B...]",
+                   help="batch sizes; repeat or separate with commas (default: 16,64; --quick: 4,16)")
+    p.add_argument("--seq-len", type=positive_list, action="append", metavar="T[,T...]",
+                   help="sequence lengths; every batch size runs with every length (default: 1024; --quick: 256)")
+    p.add_argument("--steps", type=positive, default=None, metavar="N",
+                   help="timed batches per loader and shape (default: 200; --quick: 20)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+    p.add_argument("--providers", type=name_list, action="append", metavar="NAME[,NAME...]",
+                   help="run only these loaders: nanogpt, torch-dataloader, nanochat-seq, gpuload-cuda-triton-ring, "
+                        "gpuload-cuda-triton-zerocopy, gpuload-cpu-native, gpuload-cpu-torch (default: all that can "
+                        "run here)")
+    p.add_argument("--quick", action="store_true",
+                   help="small demo dataset, small shapes, few steps: seconds, for a smoke test")
+    p.add_argument("--json", metavar="PATH", help="write every number (and every batch time) to this JSON file")
+    p.add_argument("--plot", metavar="PATH", help="write a PNG chart of tokens/s per loader and shape (needs matplotlib)")
+    p.set_defaults(handler=_bench)
 
     p = commands.add_parser(
         "prepare", help="tokenize .txt, .jsonl and .parquet documents into llm.c shards",
@@ -192,6 +247,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:  # argparse exits on --help and on bad arguments; callers get a status instead
         return e.code if isinstance(e.code, int) else 2
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded in benchmark results as the command
     try:
         return args.handler(args)
     except KeyboardInterrupt:

@@ -75,7 +75,8 @@ class GPULoader:
     def __init__(self, files, batch_size: int, seq_len: int, sampling: str = "random", seed: int = 0,
                  rank: Optional[int] = None, world_size: Optional[int] = None, device=None,
                  input_dtype: torch.dtype = torch.int64, backend: str = "auto", token_dtype=np.uint16,
-                 ring_tokens: Optional[int] = None, placement: str = "device", static_buffers: bool = False):
+                 ring_tokens: Optional[int] = None, placement: str = "device", static_buffers: bool = False,
+                 loop: bool = True, bos_token: Optional[int] = None, doc_info: bool = False):
         batch_size, seq_len, seed = _as_int("batch_size", batch_size), _as_int("seq_len", seq_len), _as_int("seed", seed)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -87,6 +88,12 @@ class GPULoader:
             raise ValueError(f"input_dtype must be torch.int64 or torch.int32, got {input_dtype}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if not loop and sampling != "sequential":
+            raise ValueError(f"loop=False (one pass, for evaluation) needs sampling='sequential', got {sampling!r}")
+        if bos_token is not None:
+            bos_token = _as_int("bos_token", bos_token)
+        if doc_info and bos_token is None:
+            raise ValueError("doc_info=True needs bos_token=ID: documents are delimited by that token")
         if placement not in PLACEMENTS:
             raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
         if ring_tokens is not None:
@@ -104,7 +111,8 @@ class GPULoader:
         self.global_batch = world_size * batch_size
         self.input_dtype = input_dtype
         self.device = torch.device(device) if device is not None else default_device()
-        self.placement, self.static_buffers = placement, bool(static_buffers)
+        self.placement, self.static_buffers, self.loop = placement, bool(static_buffers), bool(loop)
+        self.bos_token, self.doc_info = bos_token, bool(doc_info)
         self.step = 0
         self._ring: Optional[Ring] = None
         self._source = None
@@ -160,10 +168,30 @@ class GPULoader:
     def __iter__(self):
         return self
 
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def __len__(self) -> int:
+        """Batches in one pass with loop=False: whole global batches of the epoch (a final partial one is dropped)."""
+        if self.loop:
+            raise TypeError("a looping GPULoader is infinite; pass loop=False for one pass with a length")
+        return (self.num_tokens - 1) // self.seq_len // self.global_batch
+
+    def __next__(self):
+        """(x, y), or (x, y, doc) with doc_info=True (gpuload.documents.DocInfo, computed on the batch's device)."""
+        if not self.loop and self.step >= len(self):
+            raise StopIteration
         x, y = self._produce(self.step)
         self.step += 1
+        if self.doc_info:
+            return x, y, self._doc_info(x)
         return x, y
+
+    def _doc_info(self, x: torch.Tensor):
+        if self.backend == "triton":
+            from gpuload.kernels.triton_docs import doc_info_triton
+
+            return doc_info_triton(x, self.bos_token)
+        from gpuload.documents import doc_info_reference
+
+        return doc_info_reference(x, self.bos_token)
 
     def window_starts(self, step: int) -> torch.Tensor:
         """Window start of each of this rank's rows at `step` (int64, on the CPU)."""

@@ -67,13 +67,17 @@ def machine_line(info: dict | None = None) -> str:
             f"triton {info['triton']}, numpy {info['numpy']}, gpuload {info['gpuload']} (native: {info['native']})")
 
 
-def benchmark_result(name: str, argv, json_path: str | None, **fields) -> dict:
-    """A benchmark's record: its name and exact command, then `fields`; written to `json_path` if given."""
+def benchmark_result(name: str, argv, json_path: str | None, program: str | None = None, **fields) -> dict:
+    """A benchmark's record: its name and exact command, then `fields`; written to `json_path` if given.
+
+    The command is `program` (default: the script's file name) followed by `argv` (default: sys.argv[1:]).
+    """
     import json
     import sys
 
     args = list(sys.argv[1:] if argv is None else argv)
-    result = {"benchmark": name, "command": " ".join([os.path.basename(sys.argv[0])] + args), **fields}
+    program = os.path.basename(sys.argv[0]) if program is None else program
+    result = {"benchmark": name, "command": " ".join([program] + args), **fields}
     if json_path:
         with open(json_path, "w") as f:
             json.dump(result, f, indent=2)

@@ -5,6 +5,7 @@ import json
 import os
 
 import pytest
+import torch
 
 BENCH_DIR = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks")
 
@@ -58,3 +59,29 @@ def test_bench_fill_quick(tmp_path, capsys):
     for row in result["rows"]:
         assert row["median_gbs"] > 0 and row["p10_gbs"] <= row["median_gbs"] <= row["p90_gbs"]
     assert "vs floor" in capsys.readouterr().out
+
+
+def test_bench_train_step_quick(tmp_path, capsys):
+    from gpuload.bench.providers import PROVIDER_NAMES, unavailable
+
+    out = tmp_path / "result.json"
+    result = load_benchmark("bench_train_step").main(
+        ["--quick", "--cache-dir", str(tmp_path / "cache"), "--json", str(out)])
+    runnable = [name for name in PROVIDER_NAMES if not unavailable(name, torch.device("cpu"))]
+    assert [row["provider"] for row in result["rows"]] == ["resident", *runnable]
+    assert json.loads(out.read_text())["rows"] == result["rows"]
+    for row in result["rows"]:
+        assert 0 < row["p10_ms"] <= row["ms_per_step"] <= row["p90_ms"] and row["stall"] < 1
+    assert result["rows"][0]["stall"] == 0.0
+    assert "data stall" in capsys.readouterr().out
+
+
+def test_bench_ring_quick(tmp_path, capsys):
+    out = tmp_path / "ring.json"
+    result = load_benchmark("bench_ring").main(["--quick", "--json", str(out)])
+    assert json.loads(out.read_text())["refill"] == result["refill"]
+    for row in result["refill"]:
+        assert row["bytes"] > 0 and row["gb_per_s"] > 0 and row["copy_gb_per_s"] > 0
+    assert {c["backend"] for c in result["next"]} >= {"torch"}
+    assert all(c["host_us"] > 0 for c in result["next"])
+    assert "refill into" in capsys.readouterr().out

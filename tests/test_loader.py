@@ -319,3 +319,51 @@ except OSError as e:
     out = subprocess.run(args, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.startswith("OSError: " + paths[1]) and "truncated or changed while training" in out.stdout
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_one_pass_for_evaluation(make_shards, backend):
+    paths = make_shards([500, 301])  # 801 tokens, T=8: 100 windows; G=6 -> 16 whole global batches, 4 windows dropped
+    ranks = [loader(paths, batch_size=3, seq_len=8, sampling="sequential", loop=False, backend=backend,
+                    rank=r, world_size=2) for r in range(2)]
+    assert [len(ld) for ld in ranks] == [16, 16]
+    starts = []
+    for ld in ranks:
+        got = [x[:, 0].cpu() for x, _ in ld]  # a for loop ends at StopIteration
+        assert len(got) == 16
+        starts.append(torch.stack(got))
+        with pytest.raises(StopIteration):
+            next(ld)
+    every = torch.cat([starts[0], starts[1]], dim=1).flatten()  # global rows of each step, in order
+    assert every.tolist() == list(range(0, 96 * 8, 8))  # each window once, in order, the last 4 dropped
+    ranks[0].load_state_dict({**ranks[0].state_dict(), "step": 15})
+    assert len(list(ranks[0])) == 1
+
+
+def test_one_pass_needs_sequential_and_has_no_length_when_looping(make_shards):
+    paths = make_shards([1000])
+    with pytest.raises(ValueError, match="loop=False .* needs sampling='sequential'"):
+        loader(paths, batch_size=2, seq_len=8, sampling="shuffle", loop=False)
+    with pytest.raises(TypeError, match="infinite"):
+        len(loader(paths, batch_size=2, seq_len=8))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_doc_info_marks_documents_of_each_row(tmp_path, backend):
+    from gpuload.documents import doc_info_reference
+    from gpuload.shards import write_shard
+
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(1, 1000, 3000).astype(np.uint16)
+    tokens[rng.choice(3000, 150, replace=False)] = 0  # documents of random lengths, bos = 0
+    write_shard(tmp_path / "docs_0.bin", tokens)
+    ld = loader(str(tmp_path / "docs_0.bin"), batch_size=3, seq_len=40, bos_token=0, doc_info=True, backend=backend)
+    for _ in range(3):
+        x, y, doc = next(ld)
+        want = doc_info_reference(x.cpu(), 0)
+        assert torch.equal(doc.position_ids.cpu(), want.position_ids)
+        assert torch.equal(doc.cu_seqlens.cpu(), want.cu_seqlens) and doc.max_seqlen == want.max_seqlen
+        restarts = (x.cpu() == 0) | (torch.arange(40) == 0)
+        assert torch.equal(doc.position_ids.cpu() == 0, restarts)
+    with pytest.raises(ValueError, match="doc_info=True needs bos_token"):
+        loader(str(tmp_path / "docs_0.bin"), batch_size=3, seq_len=40, doc_info=True)

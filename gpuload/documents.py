@@ -1,0 +1,255 @@
+"""Document boundaries: the document-start index, BOS-aligned window starts, and per-batch doc info.
+
+A document starts at every position holding `bos_token`. Everything here is plain torch and runs on
+whatever device its tensors are on; `gpuload/kernels/triton_docs.py` computes the same doc info in two
+kernel launches and is held to `doc_info_reference` with `torch.equal`.
+
+BOS-aligned sampling (`align="bos"`): a row's window starts at a document start `p` that leaves room
+for a whole window, `p + T + 1 <= N` (the usable starts, a prefix of the sorted index). A document
+shorter than T simply continues into the next one: the window is the T + 1 stream tokens from `p`,
+whatever boundaries they cross. Window starts stay pure functions of (seed, step, global row):
+    random:  h = mix64(mix64(mix64(seed ^ SALT_ALIGNED_RANDOM) + step) + g)
+             o = starts[(h >> 1) mod D]                  uniform over the D usable starts
+    shuffle: w = step*G + g,  e = w // D,  o = starts[perm(seed, e)(w mod D)]
+             every usable start exactly once per epoch; perm is sampling.feistel_permute over [0, D)
+(arithmetic modulo 2**64, `>>` logical, as in gpuload/sampling.py). Sequential sampling already reads
+the stream in order and has no aligned form.
+
+Doc info for a batch x (B, T): a segment starts at each row start and at each `bos_token` (a bos in
+column 0 starts the row's first segment, not an empty one). `position_ids[b, t]` counts from 0 at the
+segment start, `cu_seqlens` (int32) lists the segment starts over the flattened B*T tokens followed by
+B*T, as `flash_attn_varlen_func` takes it, and `max_seqlen` is the longest segment. Segments never
+cross rows, so `max_seqlen == position_ids.max() + 1`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from gpuload.sampling import check_domain, feistel_permute, mix64, mix64_int, to_signed
+
+SALT_ALIGNED_RANDOM = 0x452821E638D01377  # more digits of pi, unlike every other salt: fixed forever
+ALIGNED_MODES = ("random", "shuffle")
+
+# 16M tokens per chunk: a 16 MiB bool mask at a time, whatever the stream's length.
+DEFAULT_CHUNK_TOKENS = 1 << 24
+
+# Token widths by dtype: tokens are compared as the signed view with the same bits, so uint16/uint32
+# need no op support beyond what every torch >= 2.3 device has.
+_SIGNED_VIEW = {torch.uint16: (torch.int16, 16), torch.int16: (torch.int16, 16),
+                torch.uint32: (torch.int32, 32), torch.int32: (torch.int32, 32), torch.int64: (torch.int64, 63)}
+_NUMPY_SIGNED = {np.dtype(np.uint16): np.int16, np.dtype(np.int16): np.int16, np.dtype(np.uint32): np.int32,
+                 np.dtype(np.int32): np.int32, np.dtype(np.int64): np.int64}
+
+TokenArray = Union[torch.Tensor, np.ndarray]
+
+
+def _bits_as_signed(value: int, bits: int) -> int:
+    """The signed `bits`-bit integer with the same low bits as the non-negative `value` (bits 63: itself)."""
+    if bits == 63:
+        return value
+    return value - (1 << bits) if value >= 1 << (bits - 1) else value
+
+
+def _check_bos(bos_token, bits: int, where: str) -> int:
+    if isinstance(bos_token, bool) or not isinstance(bos_token, (int, np.integer)):
+        raise ValueError(f"{where}: bos_token must be an integer token id, found {type(bos_token).__name__}")
+    bos_token = int(bos_token)
+    if not 0 <= bos_token < 1 << bits:
+        raise ValueError(f"{where}: bos_token must be in [0, 2**{bits}) for {bits if bits != 63 else 64}-bit tokens, "
+                         f"found {bos_token}; pass the id of the tokenizer's document delimiter")
+    return bos_token
+
+
+def _piece_width(piece: TokenArray) -> int:
+    """Token width in bits (63 for int64 ids) of one 1-D token array; ValueError for anything else."""
+    if isinstance(piece, torch.Tensor) and piece.dim() == 1 and piece.dtype in _SIGNED_VIEW:
+        return _SIGNED_VIEW[piece.dtype][1]
+    if isinstance(piece, np.ndarray) and piece.ndim == 1 and piece.dtype in _NUMPY_SIGNED:
+        return {2: 16, 4: 32}.get(piece.dtype.itemsize, 63)
+    if isinstance(piece, (torch.Tensor, np.ndarray)):
+        found = f"{piece.ndim}-D {piece.dtype}"
+    else:
+        found = type(piece).__name__
+    raise ValueError(f"document_starts: expected 1-D uint16/uint32/int16/int32/int64 tokens, found {found}; pass "
+                     f"the stream, or its shards in order (TokenStream.arrays), as 1-D tensors or arrays")
+
+
+def _signed_chunks(piece: TokenArray, chunk_tokens: int, device):
+    """(offset in the piece, signed-view tensor on `device`) for consecutive chunks of a 1-D token array."""
+    if isinstance(piece, torch.Tensor):
+        signed = _SIGNED_VIEW[piece.dtype][0]
+        for start in range(0, piece.numel(), chunk_tokens):
+            yield start, piece[start:start + chunk_tokens].contiguous().view(signed).to(device)
+        return
+    signed = _NUMPY_SIGNED[piece.dtype]
+    for start in range(0, piece.size, chunk_tokens):
+        # np.array copies the chunk: a read-only memmap cannot back a tensor, and only a chunk is resident.
+        chunk = np.array(piece[start:start + chunk_tokens]).view(signed)
+        yield start, torch.from_numpy(chunk).to(device)
+
+
+def document_starts(tokens: Union[TokenArray, Sequence[TokenArray]], bos_token: int,
+                    device: Optional[Union[str, torch.device]] = None,
+                    chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> torch.Tensor:
+    """Sorted stream positions (int64, on `device`) of every token equal to `bos_token`.
+
+    `tokens` is the stream as one 1-D tensor or NumPy array (a memmap is fine), or a sequence of them,
+    the shards in stream order (`TokenStream.arrays`); positions count across the whole sequence.
+    uint16/uint32 tokens (or their int16/int32 views) are compared as unsigned ids. The work runs in
+    chunks of `chunk_tokens` on `device` (default: the first tensor's device, the CPU for NumPy), so a
+    multi-GB stream needs a chunk-sized mask, never an int64 copy of itself; on CUDA each chunk's
+    nonzero() synchronizes once, which is fine for an index built once.
+    """
+    pieces = list(tokens) if isinstance(tokens, (list, tuple)) else [tokens]
+    if not pieces:
+        raise ValueError("document_starts: expected a token array or a non-empty sequence of them, found an "
+                         "empty sequence")
+    if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1:
+        raise ValueError(f"document_starts: chunk_tokens must be a positive int, found {chunk_tokens!r}")
+    if device is None:
+        first = pieces[0]
+        device = first.device if isinstance(first, torch.Tensor) else torch.device("cpu")
+    device = torch.device(device)
+    found, offset = [], 0
+    for piece in pieces:
+        bits = _piece_width(piece)
+        bos = _bits_as_signed(_check_bos(bos_token, bits, "document_starts"), bits)
+        for start, chunk in _signed_chunks(piece, chunk_tokens, device):
+            hits = torch.nonzero(chunk == bos).flatten()
+            if hits.numel():
+                found.append(hits + (offset + start))
+        offset += piece.numel() if isinstance(piece, torch.Tensor) else piece.size
+    if not found:
+        return torch.empty(0, dtype=torch.int64, device=device)
+    return torch.cat(found)
+
+
+def usable_document_starts(doc_starts: torch.Tensor, num_tokens: int, seq_len: int) -> torch.Tensor:
+    """The prefix of the sorted `doc_starts` where a whole window fits: p + seq_len + 1 <= num_tokens.
+
+    Raises ValueError when there is none. One host sync (the prefix length), for a value built once.
+    """
+    if seq_len < 1 or num_tokens < seq_len + 1:
+        raise ValueError(f"usable_document_starts: need seq_len >= 1 and num_tokens >= seq_len + 1, found "
+                         f"seq_len={seq_len}, num_tokens={num_tokens}")
+    limit = torch.tensor(num_tokens - seq_len, dtype=torch.int64, device=doc_starts.device)
+    count = int(torch.searchsorted(doc_starts, limit))
+    if count == 0:
+        where = f"none in the stream of {num_tokens} tokens" if doc_starts.numel() == 0 else \
+            f"{doc_starts.numel()}, the first at position {int(doc_starts[0])}"
+        raise ValueError(f"align='bos' needs a document start at a position p with p + seq_len + 1 <= num_tokens "
+                         f"(seq_len={seq_len}, num_tokens={num_tokens}); found document starts: {where}. Check "
+                         f"bos_token (the manifest's delimiter token) or lower seq_len")
+    return doc_starts[:count]
+
+
+def aligned_random_starts(seed: int, step: int, rows: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+    """Window starts drawn uniformly among the usable document `starts` for global rows `rows` at `step`."""
+    base = mix64_int(mix64_int(seed ^ SALT_ALIGNED_RANDOM) + step)
+    h = mix64(rows.to(torch.int64) + to_signed(base))
+    index = (h >> 1) & ((1 << 63) - 1)  # logical shift: torch's >> on int64 is arithmetic
+    return starts[index % starts.numel()]
+
+
+def aligned_shuffle_starts(seed: int, step: int, rows: torch.Tensor, global_batch: int,
+                           starts: torch.Tensor) -> torch.Tensor:
+    """Window starts taking each usable document start exactly once per epoch of D = len(starts) rows."""
+    num_starts = starts.numel()
+    w = rows.to(torch.int64) + step * global_batch
+    return starts[feistel_permute(w % num_starts, w // num_starts, seed, num_starts)]
+
+
+def aligned_window_starts(sampling: str, seed: int, step: int, rows: torch.Tensor, global_batch: int,
+                          starts: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """`sampling.window_starts` for align='bos': `starts` are the usable document starts (int64, sorted).
+
+    `rows` and `starts` must be on the same device; the result (int64) is there too. Shuffle's cycle
+    walk synchronizes with the host once per walk, as `sampling.feistel_permute` does.
+    """
+    check_domain(step, global_batch, num_tokens)
+    if starts.dim() != 1 or starts.numel() == 0 or starts.dtype != torch.int64:
+        raise ValueError(f"aligned_window_starts: starts must be a non-empty 1-D int64 tensor of usable document "
+                         f"starts (usable_document_starts), found {tuple(starts.shape)} {starts.dtype}")
+    if sampling == "random":
+        return aligned_random_starts(seed, step, rows, starts)
+    if sampling == "shuffle":
+        return aligned_shuffle_starts(seed, step, rows, global_batch, starts)
+    raise ValueError(f"align='bos' works with sampling in {ALIGNED_MODES}, found {sampling!r}; sequential sampling "
+                     f"reads the stream in order, so use align=None with it")
+
+
+def max_segments_per_row(doc_starts: torch.Tensor, seq_len: int) -> int:
+    """The most doc-info segments a row of `seq_len` stream tokens can hold: B times it is a safe capacity.
+
+    A row [o, o+T) has one segment from column 0 plus one per document start in columns 1 .. T-1, so
+    the bound is 1 + the most starts in any T-1 consecutive positions (attained from a start). Rows
+    that would run past the stream's end count too, so it can exceed the true maximum by a little.
+    """
+    if seq_len < 1:
+        raise ValueError(f"max_segments_per_row: seq_len must be >= 1, found {seq_len}")
+    if seq_len == 1 or doc_starts.numel() == 0:
+        return 1
+    after = torch.searchsorted(doc_starts, doc_starts + (seq_len - 1))
+    index = torch.arange(doc_starts.numel(), device=doc_starts.device)
+    return 1 + int((after - index).max())
+
+
+class DocInfo(NamedTuple):
+    """Per-document metadata of a batch x (B, T); see the module docstring for the definitions."""
+
+    position_ids: torch.Tensor  # (B, T) int64
+    cu_seqlens: torch.Tensor  # int32: num_segments + 1 values, or capacity + 1 padded with B*T
+    max_seqlen: Union[int, torch.Tensor]  # int, or a 0-d int32 tensor when a capacity is given
+    num_segments: Union[int, torch.Tensor]  # int, or a 0-d int32 tensor when a capacity is given
+
+
+def check_doc_info_args(x, bos_token, capacity, where: str) -> int:
+    """Validate a doc-info call; returns bos_token as the bits x holds it with (int32 x: signed 32-bit)."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.dtype not in (torch.int32, torch.int64):
+        found = f"{x.dim()}-D {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{where}: x must be a (B, T) int64 or int32 batch, found {found}")
+    batch, seq_len = x.shape
+    if batch < 1 or seq_len < 1 or batch * seq_len >= 1 << 31:
+        raise ValueError(f"{where}: need B >= 1, T >= 1 and B*T < 2**31 (cu_seqlens is int32), found "
+                         f"B={batch}, T={seq_len}")
+    bits = 32 if x.dtype == torch.int32 else 63
+    bos = _bits_as_signed(_check_bos(bos_token, bits, where), bits)
+    if capacity is not None:
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or not batch <= capacity <= batch * seq_len:
+            raise ValueError(f"{where}: capacity must be an int in [B, B*T] = [{batch}, {batch * seq_len}] (every "
+                             f"row has at least one segment, at most T), found {capacity!r}; "
+                             f"B * max_segments_per_row(doc_starts, T) is a safe value")
+    return bos
+
+
+def doc_info_reference(x: torch.Tensor, bos_token: int, capacity: Optional[int] = None) -> DocInfo:
+    """Plain-torch doc info of a batch x (B, T); the reference the Triton kernels are held to.
+
+    Without `capacity`: cu_seqlens has exactly num_segments + 1 values and max_seqlen / num_segments are
+    ints. With `capacity` (CUDA graphs: fixed shapes): cu_seqlens has capacity + 1 values, the entries
+    after the last segment repeat B*T (empty segments), max_seqlen and num_segments are 0-d int32
+    tensors. Segment starts past the capacity are dropped (the last segment then runs to B*T), so pick
+    capacity >= B * max_segments_per_row(doc_starts, T); num_segments is always the true count.
+    """
+    bos = check_doc_info_args(x, bos_token, capacity, "doc_info_reference")
+    batch, seq_len = x.shape
+    cols = torch.arange(seq_len, device=x.device)
+    is_start = x == bos
+    is_start[:, 0] = True
+    segment_start = torch.where(is_start, cols, 0).cummax(dim=1).values
+    position_ids = cols - segment_start
+    starts = torch.nonzero(is_start.flatten()).flatten().to(torch.int32)
+    total = batch * seq_len
+    max_seqlen = position_ids.max() + 1
+    if capacity is None:
+        end = torch.tensor([total], dtype=torch.int32, device=x.device)
+        return DocInfo(position_ids, torch.cat([starts, end]), int(max_seqlen), starts.numel())
+    cu_seqlens = torch.full((capacity + 1,), total, dtype=torch.int32, device=x.device)
+    kept = starts[:capacity]
+    cu_seqlens[:kept.numel()] = kept
+    num_segments = torch.tensor(starts.numel(), dtype=torch.int32, device=x.device)
+    return DocInfo(position_ids, cu_seqlens, max_seqlen.to(torch.int32), num_segments)
