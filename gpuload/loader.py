@@ -18,7 +18,7 @@ from gpuload.shards import TokenStream
 BACKENDS = ("auto", "torch", "native", "triton")
 STATE_FORMAT = "gpuload.loader/1"
 STATE_KEYS = ("format", "step", "seed", "sampling", "seq_len", "global_batch", "num_tokens", "dataset",
-              "windows_per_chunk")
+              "windows_per_chunk", "align_bos")
 
 
 def _env_int(name: str) -> Optional[int]:
@@ -76,7 +76,8 @@ class GPULoader:
                  rank: Optional[int] = None, world_size: Optional[int] = None, device=None,
                  input_dtype: torch.dtype = torch.int64, backend: str = "auto", token_dtype=np.uint16,
                  ring_tokens: Optional[int] = None, placement: str = "device", static_buffers: bool = False,
-                 loop: bool = True, bos_token: Optional[int] = None, doc_info: bool = False):
+                 loop: bool = True, bos_token: Optional[int] = None, doc_info: bool = False,
+                 align: Optional[str] = None):
         batch_size, seq_len, seed = _as_int("batch_size", batch_size), _as_int("seq_len", seq_len), _as_int("seed", seed)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -92,8 +93,12 @@ class GPULoader:
             raise ValueError(f"loop=False (one pass, for evaluation) needs sampling='sequential', got {sampling!r}")
         if bos_token is not None:
             bos_token = _as_int("bos_token", bos_token)
-        if doc_info and bos_token is None:
-            raise ValueError("doc_info=True needs bos_token=ID: documents are delimited by that token")
+        if (doc_info or align) and bos_token is None:
+            raise ValueError("doc_info=True and align='bos' need bos_token=ID: documents are delimited by that token")
+        if align not in (None, "bos"):
+            raise ValueError(f"align must be None or 'bos', got {align!r}")
+        if align and sampling == "sequential":
+            raise ValueError("align='bos' works with sampling='random' or 'shuffle'; sequential reads the stream in order")
         if placement not in PLACEMENTS:
             raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
         if ring_tokens is not None:
@@ -112,7 +117,7 @@ class GPULoader:
         self.input_dtype = input_dtype
         self.device = torch.device(device) if device is not None else default_device()
         self.placement, self.static_buffers, self.loop = placement, bool(static_buffers), bool(loop)
-        self.bos_token, self.doc_info = bos_token, bool(doc_info)
+        self.bos_token, self.doc_info, self.align = bos_token, bool(doc_info), align
         self.step = 0
         self._ring: Optional[Ring] = None
         self._source = None
@@ -128,6 +133,9 @@ class GPULoader:
         self.fingerprint = self.stream.fingerprint()
         self.ring_layout = plan_ring(self.num_tokens, self.stream.dtype.itemsize, seq_len, self.global_batch, ring_tokens)
         self.chunking = self.ring_layout.chunking
+        self._doc_starts = None
+        if align:
+            self._doc_starts = self._usable_document_starts()
         self.backend = self._choose_backend(backend)
         self._rows = torch.arange(rank * batch_size, (rank + 1) * batch_size, dtype=torch.int64)
         self._out = None
@@ -155,6 +163,20 @@ class GPULoader:
             raise RuntimeError(f"backend='native' requested but the native extension is {why}; "
                                f"use backend='torch' or reinstall gpuload with a C++ compiler present")
         return backend
+
+    def _usable_document_starts(self) -> torch.Tensor:
+        """The positions of bos_token where a whole window fits (int64, CPU), found once at construction."""
+        from gpuload.documents import document_starts, usable_document_starts
+
+        if self.chunking is not None:
+            raise ValueError(f"align='bos' needs the whole stream in the ring (ring_tokens >= {self.num_tokens}); "
+                             f"aligned rows with a ring smaller than the stream are not implemented yet")
+        try:
+            return usable_document_starts(document_starts(self.stream.arrays, self.bos_token, device="cpu"),
+                                          self.num_tokens, self.seq_len)
+        except ValueError as e:
+            raise ValueError(f"align='bos' in {self.stream.paths[0]}{' ...' if len(self.stream.paths) > 1 else ''}: "
+                             f"{e}") from None
 
     def _check_triton_device(self) -> None:
         from gpuload.kernels import triton_gather  # imported late: triton is slow to import
@@ -195,6 +217,11 @@ class GPULoader:
 
     def window_starts(self, step: int) -> torch.Tensor:
         """Window start of each of this rank's rows at `step` (int64, on the CPU)."""
+        if self._doc_starts is not None:
+            from gpuload.documents import aligned_window_starts
+
+            return aligned_window_starts(self.sampling, self.seed, step, self._rows, self.global_batch,
+                                         self._doc_starts, self.num_tokens)
         return window_starts_and_visits(self.sampling, self.seed, step, self._rows, self.global_batch,
                                         self.num_tokens, self.seq_len, self.chunking)[0]
 
@@ -210,10 +237,14 @@ class GPULoader:
             pin = self.device.type == "cuda"
             x = torch.empty((B, T), dtype=self.input_dtype, pin_memory=pin)
             y = torch.empty((B, T), dtype=torch.int64, pin_memory=pin)
-            source.sample_and_gather(
-                SAMPLING_IDS[self.sampling], self.seed & MASK64, step, self.rank * B, self.global_batch, T,
-                self._starts, x.data_ptr(), self.input_dtype == torch.int32, y.data_ptr(),
-                0 if self.chunking is None else self.chunking.windows_per_chunk)
+            if self._doc_starts is not None:
+                self._starts[:] = self.window_starts(step).numpy()
+                source.gather(self._starts, T, x.data_ptr(), self.input_dtype == torch.int32, y.data_ptr())
+            else:
+                source.sample_and_gather(
+                    SAMPLING_IDS[self.sampling], self.seed & MASK64, step, self.rank * B, self.global_batch, T,
+                    self._starts, x.data_ptr(), self.input_dtype == torch.int32, y.data_ptr(),
+                    0 if self.chunking is None else self.chunking.windows_per_chunk)
             if out_x is not None:
                 return out_x.copy_(x, non_blocking=True), out_y.copy_(y, non_blocking=True)
             if self.device.type != "cpu":
@@ -224,12 +255,17 @@ class GPULoader:
         if self.backend == "triton":
             from gpuload.kernels.triton_gather import gather_batch_triton
 
+            given = None if self._doc_starts is None else self.window_starts(step).to(self.device)
             x, y = gather_batch_triton(tokens, self.sampling, self.seed, step, self.rank * B, B, self.global_batch,
                                        self.num_tokens, T, out_x, out_y, self.input_dtype, chunking=self.chunking,
-                                       num_slots=layout.num_slots, slot_tokens=layout.slot_tokens, device=self.device)
+                                       num_slots=layout.num_slots, slot_tokens=layout.slot_tokens, device=self.device,
+                                       starts=given)
         else:
-            starts, visits = window_starts_and_visits(self.sampling, self.seed, step, self._rows, self.global_batch,
-                                                      self.num_tokens, T, self.chunking)
+            if self._doc_starts is not None:
+                starts, visits = self.window_starts(step), None
+            else:
+                starts, visits = window_starts_and_visits(self.sampling, self.seed, step, self._rows,
+                                                          self.global_batch, self.num_tokens, T, self.chunking)
             positions = source.ring_positions(starts, visits).to(tokens.device)
             bounds = torch.tensor([0, tokens.numel()], device=tokens.device)
             x, y = gather_reference([tokens], bounds, positions, T, self.input_dtype)
@@ -247,6 +283,7 @@ class GPULoader:
             "seq_len": self.seq_len, "global_batch": self.global_batch,
             "num_tokens": self.num_tokens, "dataset": self.fingerprint,
             "windows_per_chunk": 0 if self.chunking is None else self.chunking.windows_per_chunk,
+            "align_bos": self.bos_token if self.align else None,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -267,6 +304,8 @@ class GPULoader:
             ("global_batch", state["global_batch"], self.global_batch,
              "world_size * batch_size must equal the saved global batch (elastic resume keeps it)"),
             ("sampling", state["sampling"], self.sampling, "construct the loader with the saved sampling mode"),
+            ("align_bos (the bos_token rows are aligned to, None = not aligned)", state["align_bos"],
+             self.bos_token if self.align else None, "construct the loader with the saved align and bos_token"),
         ]
         if self.sampling != "sequential":  # sequential batches do not depend on the ring's chunks
             ours = 0 if self.chunking is None else self.chunking.windows_per_chunk

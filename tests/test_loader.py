@@ -365,5 +365,57 @@ def test_doc_info_marks_documents_of_each_row(tmp_path, backend):
         assert torch.equal(doc.cu_seqlens.cpu(), want.cu_seqlens) and doc.max_seqlen == want.max_seqlen
         restarts = (x.cpu() == 0) | (torch.arange(40) == 0)
         assert torch.equal(doc.position_ids.cpu() == 0, restarts)
-    with pytest.raises(ValueError, match="doc_info=True needs bos_token"):
+    with pytest.raises(ValueError, match="need bos_token=ID"):
         loader(str(tmp_path / "docs_0.bin"), batch_size=3, seq_len=40, doc_info=True)
+
+
+def document_shards(tmp_path, dtype=np.uint16):
+    from gpuload.shards import write_shard
+
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(1, 1000, 4000).astype(dtype)
+    tokens[rng.choice(4000, 60, replace=False)] = 7  # documents of random lengths, bos = 7
+    tokens[:1] = 7
+    write_shard(tmp_path / "docs_0.bin", tokens[:2500])
+    write_shard(tmp_path / "docs_1.bin", tokens[2500:])
+    return [str(tmp_path / "docs_0.bin"), str(tmp_path / "docs_1.bin")], tokens
+
+
+@pytest.mark.parametrize("mode", ["random", "shuffle"])
+def test_aligned_rows_start_at_documents_on_every_backend(tmp_path, mode):
+    paths, tokens = document_shards(tmp_path)
+    usable = [p for p in np.flatnonzero(tokens == 7).tolist() if p + 33 <= tokens.size]
+    runs = {}
+    for backend in BACKENDS:
+        ld = loader(paths, batch_size=4, seq_len=32, sampling=mode, seed=3, bos_token=7, align="bos",
+                    backend=backend)
+        runs[backend] = [tuple(t.cpu() for t in next(ld)) for _ in range(8)]
+        for x, y in runs[backend]:
+            assert (x[:, 0] == 7).all() and torch.equal(x[:, 1:], y[:, :-1])
+    for backend in BACKENDS[1:]:
+        assert_same(runs[backend], runs["torch"])
+    if mode == "shuffle":  # one epoch of D rows takes every usable document start once
+        ld = loader(paths, batch_size=len(usable), seq_len=32, sampling=mode, bos_token=7, align="bos")
+        assert sorted(ld.window_starts(0).tolist()) == usable
+
+
+def test_aligned_resume_and_errors(tmp_path, make_shards):
+    paths, _ = document_shards(tmp_path)
+    kw = dict(batch_size=2, seq_len=32, sampling="shuffle", bos_token=7, align="bos")
+    ld = loader(paths, **kw)
+    batches(ld, 5)
+    state = ld.state_dict()
+    rest = batches(ld, 5)
+    resumed = loader(paths, **kw)
+    resumed.load_state_dict(state)
+    assert_same(batches(resumed, 5), rest)
+    with pytest.raises(ValueError, match="align_bos .* differs"):
+        loader(paths, batch_size=2, seq_len=32, sampling="shuffle").load_state_dict(state)
+    with pytest.raises(ValueError, match="need bos_token"):
+        loader(paths, batch_size=2, seq_len=32, align="bos")
+    with pytest.raises(ValueError, match="sequential reads the stream in order"):
+        loader(paths, batch_size=2, seq_len=32, sampling="sequential", bos_token=7, align="bos")
+    with pytest.raises(ValueError, match="needs the whole stream in the ring"):
+        loader(make_shards([20_000]), batch_size=2, seq_len=32, bos_token=7, align="bos", ring_tokens=4096)
+    with pytest.raises(ValueError, match=r"align='bos' in .*docs_0.bin"):
+        loader(paths, batch_size=2, seq_len=32, bos_token=999_999, align="bos")

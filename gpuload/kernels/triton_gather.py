@@ -164,6 +164,7 @@ def _gather_batch_kernel(
     slot_tokens: tl.int64,
     SAMPLING: tl.constexpr,
     CHUNKED: tl.constexpr,
+    STARTS_GIVEN: tl.constexpr,
     STEP_FROM_PTR: tl.constexpr,
     WRITE_STARTS: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -182,12 +183,16 @@ def _gather_batch_kernel(
     # Scalar work per program (sm_90 PTX: 7 multiplies and one u64 remainder for random, 41 multiplies
     # for shuffle plus 12 per extra walk), redone by each column block rather than staged through
     # memory: cheaper than a second launch or a grid-wide barrier.
-    start_u, visit_u = _window_start(
-        seed.to(tl.uint64), step_u, (row0 + row).to(tl.uint64), global_batch.to(tl.uint64),
-        num_tokens.to(tl.uint64), num_windows.to(tl.uint64), seq_len.to(tl.uint64), feistel_half.to(tl.uint64),
-        windows_per_chunk.to(tl.uint64), num_chunks.to(tl.uint64), chunk_tokens.to(tl.uint64),
-        last_windows.to(tl.uint64), last_length.to(tl.uint64), steps_per_visit.to(tl.uint64),
-        half_last.to(tl.uint64), half_chunks.to(tl.uint64), SAMPLING, CHUNKED)
+    if STARTS_GIVEN:  # align='bos': the starts were drawn among document starts (gpuload/documents.py)
+        start_u = tl.load(starts_ptr + row).to(tl.uint64)
+        visit_u = tl.zeros((), tl.uint64)
+    else:
+        start_u, visit_u = _window_start(
+            seed.to(tl.uint64), step_u, (row0 + row).to(tl.uint64), global_batch.to(tl.uint64),
+            num_tokens.to(tl.uint64), num_windows.to(tl.uint64), seq_len.to(tl.uint64), feistel_half.to(tl.uint64),
+            windows_per_chunk.to(tl.uint64), num_chunks.to(tl.uint64), chunk_tokens.to(tl.uint64),
+            last_windows.to(tl.uint64), last_length.to(tl.uint64), steps_per_visit.to(tl.uint64),
+            half_last.to(tl.uint64), half_chunks.to(tl.uint64), SAMPLING, CHUNKED)
     # start < num_tokens < 2**63, so the int64 with the same bits is the same number.
     start = start_u.to(tl.int64, bitcast=True)
     if WRITE_STARTS:
@@ -227,7 +232,8 @@ def _block_size(batch: int, seq_len: int) -> int:
 
 
 def gather_batch_forward(tokens, x, y, starts, step_tensor, mode_id, seed, step, row0, global_batch, num_tokens,
-                         seq_len, token_offset, block, chunking=None, num_slots=1, slot_tokens=0):
+                         seq_len, token_offset, block, chunking=None, num_slots=1, slot_tokens=0,
+                         starts_given=False):
     """Launch the kernel on validated arguments: `tokens` unsigned 1-D, `seed`/`step` as int64 bits."""
     num_col_blocks = triton.cdiv(seq_len, block)
     num_windows = windows_per_epoch(num_tokens, seq_len)
@@ -254,8 +260,9 @@ def gather_batch_forward(tokens, x, y, starts, step_tensor, mode_id, seed, step,
         token_offset, tokens.numel(), num_col_blocks, *chunk_args, num_slots, slot_tokens,
         SAMPLING=mode_id,
         CHUNKED=chunking is not None,
+        STARTS_GIVEN=starts_given,
         STEP_FROM_PTR=step_tensor is not None,
-        WRITE_STARTS=starts is not None,
+        WRITE_STARTS=starts is not None and not starts_given,
         BLOCK=block,
         num_warps=num_warps,
     )
@@ -284,7 +291,8 @@ def gather_batch_triton(tokens: torch.Tensor, sampling: str, seed: int, step, ro
                         out_y: torch.Tensor | None = None, input_dtype: torch.dtype = torch.int64,
                         token_offset: int = 0, out_starts: torch.Tensor | None = None,
                         block_size: int | None = None, chunking: Chunking | None = None, num_slots: int = 1,
-                        slot_tokens: int = 0, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                        slot_tokens: int = 0, device: torch.device | None = None,
+                        starts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows row0 .. row0+batch-1 of the global batch at `step`, in one launch: (x (B, T), y (B, T)).
 
     `tokens` holds stream positions [token_offset, token_offset + len(tokens)) of a stream of
@@ -299,6 +307,9 @@ def gather_batch_triton(tokens: torch.Tensor, sampling: str, seed: int, step, ro
     With `chunking` (gpuload.sampling.Chunking), the chunked rule, and `tokens` is a ring of `num_slots`
     slots of `slot_tokens` tokens: visit v's chunk j sits in slot v mod num_slots, stream position j*C
     at the slot's start (gpuload/ring.py keeps them there; `token_offset` must be 0).
+
+    `starts`, if given, is a (batch,) int64 tensor on the batch's device of stream positions to gather
+    instead of the sampled ones (align='bos'); the caller guarantees start + seq_len < num_tokens.
 
     `device` is where the batch goes (default: the tokens' device). A CUDA device with `tokens` in
     pinned host memory is the zero-copy case: the kernel reads the host tokens through unified addressing.
@@ -357,10 +368,17 @@ def gather_batch_triton(tokens: torch.Tensor, sampling: str, seed: int, step, ro
 
     x = _check_out("out_x", out_x, (batch, seq_len), input_dtype, device)
     y = _check_out("out_y", out_y, (batch, seq_len), torch.int64, device)
-    starts = None if out_starts is None else _check_out("out_starts", out_starts, (batch,), torch.int64, device)
+    if starts is not None:
+        if out_starts is not None or chunking is not None:
+            raise ValueError("gather_batch_triton: given starts exclude out_starts and chunking")
+        starts = _check_out("starts", starts, (batch,), torch.int64, device)
+    elif out_starts is not None:
+        starts = _check_out("out_starts", out_starts, (batch,), torch.int64, device)
+    starts_given = starts is not None and out_starts is None
     tokens = tokens.view(_TOKEN_DTYPES[tokens.dtype])
     launch = (tokens, x, y, starts, step_tensor, SAMPLING_IDS[sampling], to_signed(int(seed)), step_bits, row0,
-              global_batch, num_tokens, seq_len, token_offset, block_size, chunking, num_slots, slot_tokens)
+              global_batch, num_tokens, seq_len, token_offset, block_size, chunking, num_slots, slot_tokens,
+              starts_given)
     if device.type == "cuda":
         # Triton launches on the current device; make it the batch's one.
         with torch.cuda.device(device):
