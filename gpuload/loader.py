@@ -244,7 +244,7 @@ class GPULoader:
                 source.sample_and_gather(
                     SAMPLING_IDS[self.sampling], self.seed & MASK64, step, self.rank * B, self.global_batch, T,
                     self._starts, x.data_ptr(), self.input_dtype == torch.int32, y.data_ptr(),
-                    0 if self.chunking is None else self.chunking.windows_per_chunk)
+                    self.windows_per_chunk)
             if out_x is not None:
                 return out_x.copy_(x, non_blocking=True), out_y.copy_(y, non_blocking=True)
             if self.device.type != "cpu":
@@ -276,14 +276,23 @@ class GPULoader:
         source.release(step)
         return x, y
 
+    @property
+    def windows_per_chunk(self) -> int:
+        """Windows per ring chunk of the chunked rule; 0 when the ring holds the whole stream."""
+        return 0 if self.chunking is None else self.chunking.windows_per_chunk
+
+    @property
+    def align_bos(self) -> Optional[int]:
+        """The token rows are aligned to (align='bos'), else None."""
+        return self.bos_token if self.align else None
+
     def state_dict(self) -> dict:
         """Everything needed to continue the same batch stream; plain data (JSON-serializable)."""
         return {
             "format": STATE_FORMAT, "step": self.step, "seed": self.seed, "sampling": self.sampling,
             "seq_len": self.seq_len, "global_batch": self.global_batch,
             "num_tokens": self.num_tokens, "dataset": self.fingerprint,
-            "windows_per_chunk": 0 if self.chunking is None else self.chunking.windows_per_chunk,
-            "align_bos": self.bos_token if self.align else None,
+            "windows_per_chunk": self.windows_per_chunk, "align_bos": self.align_bos,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -305,11 +314,11 @@ class GPULoader:
              "world_size * batch_size must equal the saved global batch (elastic resume keeps it)"),
             ("sampling", state["sampling"], self.sampling, "construct the loader with the saved sampling mode"),
             ("align_bos (the bos_token rows are aligned to, None = not aligned)", state["align_bos"],
-             self.bos_token if self.align else None, "construct the loader with the saved align and bos_token"),
+             self.align_bos, "construct the loader with the saved align and bos_token"),
         ]
         if self.sampling != "sequential":  # sequential batches do not depend on the ring's chunks
-            ours = 0 if self.chunking is None else self.chunking.windows_per_chunk
-            checks.append(("ring chunking (windows_per_chunk, 0 = whole stream)", state["windows_per_chunk"], ours,
+            checks.append(("ring chunking (windows_per_chunk, 0 = whole stream)", state["windows_per_chunk"],
+                           self.windows_per_chunk,
                            "construct the loader with the saved ring_tokens: with a ring smaller than the stream, "
                            "random and shuffle batches depend on its chunks"))
         for name, saved, current, advice in checks:

@@ -15,8 +15,8 @@ from gpuload.documents import (DEFAULT_CHUNK_TOKENS, SALT_ALIGNED_RANDOM, aligne
                                doc_info_reference, document_starts, max_segments_per_row, usable_document_starts)
 from gpuload.kernels import triton_docs  # noqa: E402
 from gpuload.kernels.triton_docs import doc_info_triton  # noqa: E402
-from gpuload.sampling import (FEISTEL_ROUNDS, MASK64, SALT_RANDOM, SALT_SHUFFLE, feistel_half_bits,  # noqa: E402
-                              mix64_int)
+from gpuload.sampling import MASK64, SALT_RANDOM, mix64_int  # noqa: E402
+from test_sampling import oracle_feistel  # noqa: E402  (the scalar Feistel oracle written from the docstring)
 
 if triton_docs.interpreter_active():
     DEVICE = "cpu"
@@ -167,20 +167,6 @@ def test_document_starts_rejects_bad_chunk_size():
 
 
 # --- BOS-aligned window starts ---------------------------------------------------------------------
-
-def oracle_feistel(index, epoch, seed, m):
-    half = feistel_half_bits(m)
-    mask = (1 << half) - 1
-    keys = [mix64_int(mix64_int(seed ^ SALT_SHUFFLE) + epoch * FEISTEL_ROUNDS + r) for r in range(FEISTEL_ROUNDS)]
-    x = index
-    while True:
-        left, right = x >> half, x & mask
-        for key in keys:
-            left, right = right, left ^ (mix64_int(right ^ key) & mask)
-        x = (left << half) | right
-        if x < m:
-            return x
-
 
 def oracle_aligned(mode, seed, step, g, G, starts):
     if mode == "random":

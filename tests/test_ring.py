@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from gpuload import GPULoader, native
+from gpuload import native
 from gpuload import ring as ring_module
 from gpuload.kernels import triton_gather
 from gpuload.ring import NUM_SLOTS, plan_ring
 from gpuload.sampling import Chunking, window_starts, window_starts_and_visits, windows_per_epoch
 from gpuload.shards import TokenStream
+from test_loader import loader  # one way to build a loader for a backend in the tests
 
 TRITON = triton_gather.interpreter_active() or torch.cuda.is_available()
 RING_BACKENDS = ["torch"] + (["triton"] if TRITON else [])
@@ -23,14 +24,6 @@ BACKENDS = RING_BACKENDS + (["native"] if native.available() else [])
 MODES = ["random", "shuffle", "sequential"]
 N, T, B = 6000, 8, 4
 SMALL_RING = 4096  # uint32 tokens: 4 slots of one page (1024 tokens) -> chunks of 127 windows, 6 of them
-
-
-def loader(paths, **kw):
-    on_gpu = kw.get("backend") == "triton" and not triton_gather.interpreter_active()
-    kw.setdefault("device", "cuda" if on_gpu else "cpu")
-    kw.setdefault("rank", 0)
-    kw.setdefault("world_size", 1)
-    return GPULoader(paths, **kw)
 
 
 def run(ld, steps):

@@ -118,43 +118,38 @@ def test_sequential_is_stream_order_with_wrap():
     assert starts.tolist() == [(w % 10) * 10 for w in range(20)]
 
 
-@pytest.mark.skipif(not native.available(), reason="native extension not built")
-@pytest.mark.parametrize("mode", ["random", "shuffle", "sequential"])
-def test_native_window_starts_equal_torch(mode, tmp_path):
-    N = 3 * 2**31 + 7  # positions past 2**32: a sparse file, mapped but never read
+@pytest.fixture
+def sparse_table(tmp_path):
+    """A native shard table over 3 * 2**31 + 7 uint16 tokens (positions past 2**32): sparse, mapped, never read."""
     path = tmp_path / "sparse.bin"
     with open(path, "wb") as f:
-        f.truncate(2 * N)
-    table = native.module().ShardTable([np.memmap(path, dtype=np.uint16, mode="r")])
-    rng = random.Random(1)
-    out = np.empty(64, dtype=np.int64)
-    for T in (1, 7, 1024):
-        for _ in range(5):
-            seed, step, row0 = rng.getrandbits(64), rng.choice([0, 3, 2**33]), rng.choice([0, 64, 640])
-            table.window_starts(SAMPLING_IDS[mode], seed, step, row0, 704, T, out)
-            expected = window_starts(mode, seed, step, torch.arange(row0, row0 + 64), 704, N, T)
-            assert out.tolist() == expected.tolist()
+        f.truncate(2 * SPARSE_N)
+    return native.module().ShardTable([np.memmap(path, dtype=np.uint16, mode="r")])
+
+
+SPARSE_N = 3 * 2**31 + 7
 
 
 @pytest.mark.skipif(not native.available(), reason="native extension not built")
 @pytest.mark.parametrize("mode", ["random", "shuffle", "sequential"])
-def test_native_chunked_window_starts_equal_torch(mode, tmp_path):
-    N = 3 * 2**31 + 7
-    path = tmp_path / "sparse.bin"
-    with open(path, "wb") as f:
-        f.truncate(2 * N)
-    table = native.module().ShardTable([np.memmap(path, dtype=np.uint16, mode="r")])
-    rng = random.Random(2)
+# windows_per_chunk 0: the whole-stream rule; otherwise the chunked rule, with a short last chunk each time.
+@pytest.mark.parametrize("T,windows_per_chunk", [(1, 0), (7, 0), (1024, 0), (1, 704), (7, 1000), (1024, 2**20 + 3)])
+def test_native_window_starts_equal_torch(sparse_table, mode, T, windows_per_chunk):
+    chunking = Chunking(SPARSE_N, T, 704, windows_per_chunk) if windows_per_chunk else None
+    rng = random.Random(T + windows_per_chunk)
     out = np.empty(64, dtype=np.int64)
-    for T, windows_per_chunk in ((1, 704), (7, 1000), (1024, 2**20 + 3)):
-        chunking = Chunking(N, T, 704, windows_per_chunk)  # the last chunk is a short one in each case
-        for _ in range(5):
-            seed, step, row0 = rng.getrandbits(64), rng.choice([0, 3, 2**33]), rng.choice([0, 64, 640])
-            table.window_starts(SAMPLING_IDS[mode], seed, step, row0, 704, T, out, windows_per_chunk)
-            expected = window_starts(mode, seed, step, torch.arange(row0, row0 + 64), 704, N, T, chunking)
-            assert out.tolist() == expected.tolist()
+    for _ in range(5):
+        seed, step, row0 = rng.getrandbits(64), rng.choice([0, 3, 2**33]), rng.choice([0, 64, 640])
+        table_args = (windows_per_chunk,) if windows_per_chunk else ()
+        sparse_table.window_starts(SAMPLING_IDS[mode], seed, step, row0, 704, T, out, *table_args)
+        expected = window_starts(mode, seed, step, torch.arange(row0, row0 + 64), 704, SPARSE_N, T, chunking)
+        assert out.tolist() == expected.tolist()
+
+
+@pytest.mark.skipif(not native.available(), reason="native extension not built")
+def test_native_refuses_chunks_smaller_than_a_global_batch(sparse_table):
     with pytest.raises(ValueError, match="windows_per_chunk must be 0 or in"):
-        table.window_starts(0, 0, 0, 0, 704, 8, out, 703)
+        sparse_table.window_starts(0, 0, 0, 0, 704, 8, np.empty(64, dtype=np.int64), 703)
 
 
 def test_domain_limits():
