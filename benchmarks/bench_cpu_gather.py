@@ -29,6 +29,11 @@ def make_providers(path: str, batch_size: int, seq_len: int) -> dict:
         ld = GPULoader(path, batch_size=batch_size, seq_len=seq_len, sampling="random", seed=0, rank=0,
                        world_size=1, device="cpu", backend=backend)
         providers[f"gpuload-{backend}"] = ld.__next__
+        # The same file as three sources: what assigning rows to sources and gathering per source costs.
+        mixed = GPULoader({"a": path, "b": path, "c": path}, weights={"a": 0.5, "b": 0.3, "c": 0.2},
+                          batch_size=batch_size, seq_len=seq_len, sampling="random", seed=0, rank=0, world_size=1,
+                          device="cpu", backend=backend)
+        providers[f"gpuload-{backend}-mix3"] = mixed.__next__
     return providers
 
 

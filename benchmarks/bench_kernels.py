@@ -8,6 +8,8 @@ Each shape is checked against the plain-torch reference (window_starts + gather_
 is timed. Bandwidth counts the bytes each provider must move: the gather reads T+1 tokens per row and
 writes x and y (8 B + 8 B per token with int64 x); the copy floor is `copy_` of a tensor the size of
 x + y, which reads and writes those bytes (16 B + 16 B per token). "of copy" = gather GB/s / copy GB/s.
+`triton-random-mix3` is the batch of a three-source mixture (0.5/0.3/0.2): three launches, each ranking
+all B row hashes and writing its own rows; against `triton-random` it prices the mixture.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import time
 import torch
 
 from gpuload.machine import benchmark_result, machine_info, machine_line
+from gpuload.mixture import mixture_counts
 
 SAMPLINGS = ("random", "sequential", "shuffle")
 
@@ -72,13 +75,21 @@ def torch_gather(tokens, sampling, seed, step, batch, num_tokens, seq_len, input
     return window[:, :-1].to(input_dtype), window[:, 1:].contiguous()
 
 
-def reference_batch(cpu_tokens, sampling, seed, step, batch, seq_len, input_dtype):
-    """gpuload's reference on the CPU: what every provider must produce."""
+def reference_batch(cpu_tokens, sampling, seed, step, batch, seq_len, input_dtype, counts=None):
+    """gpuload's reference on the CPU: what every provider must produce (`counts`: a mixture whose
+    sources all read `cpu_tokens`)."""
     from gpuload.kernels.gather import gather_reference
+    from gpuload.mixture import mixture_rows
     from gpuload.sampling import window_starts
 
     num_tokens = cpu_tokens.numel()
-    starts = window_starts(sampling, seed, step, torch.arange(batch), batch, num_tokens, seq_len)
+    if counts is None:
+        starts = window_starts(sampling, seed, step, torch.arange(batch), batch, num_tokens, seq_len)
+    else:
+        source, index = mixture_rows(seed, step, counts)
+        starts = torch.empty(batch, dtype=torch.int64)
+        for k, c in enumerate(counts):
+            starts[source == k] = window_starts(sampling, seed, step, index[source == k], c, num_tokens, seq_len)
     return gather_reference([cpu_tokens], torch.tensor([0, num_tokens]), starts, seq_len, input_dtype)
 
 
@@ -128,6 +139,19 @@ def main(argv=None) -> dict:
                                                                      num_tokens, seq_len, out_x=x, out_y=y,
                                                                      input_dtype=input_dtype),
                 gather_bytes)
+        # A three-source mixture (one launch per source, each ranking all B row hashes and writing its rows).
+        counts = mixture_counts([0.5, 0.3, 0.2], batch) if batch >= 3 else None
+        if counts is not None and min(counts) > 0:
+            def mixture(counts=counts):
+                for k in range(len(counts)):
+                    triton_gather.gather_batch_triton(tokens, "random", seed, step, 0, batch, counts[k], num_tokens,
+                                                      seq_len, out_x=x, out_y=y, input_dtype=input_dtype,
+                                                      mixture=(counts, k))
+            providers["triton-random-mix3"] = (mixture, gather_bytes)
+            mixture()
+            want_x, want_y = reference_batch(cpu_tokens, "random", seed, step, batch, seq_len, input_dtype, counts)
+            if not (torch.equal(x.cpu(), want_x) and torch.equal(y.cpu(), want_y)):
+                sys.exit(f"bench_kernels: triton-random-mix3 differs from the reference at B={batch}, T={seq_len}")
         providers["torch-random"] = (
             lambda: torch_gather(tokens, "random", seed, step, batch, num_tokens, seq_len, input_dtype), gather_bytes)
 

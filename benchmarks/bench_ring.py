@@ -43,11 +43,11 @@ def refill_rate(paths, device, placement, ring_tokens, seq_len, batch_size) -> d
     ld = GPULoader(paths, batch_size=batch_size, seq_len=seq_len, sampling="sequential", device=device,
                    backend="triton" if device.type == "cuda" else "torch", ring_tokens=ring_tokens,
                    placement=placement, rank=0, world_size=1)
-    chunking = ld.chunking
-    ring = ld._ring
+    source = ld.sources[0]
+    chunking, ring = source.chunking, source.ring
     steps_per_chunk = chunking.windows_per_chunk / ld.global_batch
     first_steps = [int(v * steps_per_chunk + 0.999999) for v in range(chunking.num_chunks)]
-    itemsize = ld.stream.dtype.itemsize
+    itemsize = source.stream.dtype.itemsize
     loaded = sum(chunking.chunk_length(v) for v in range(chunking.num_chunks)) * itemsize
     ring.acquire(0)  # allocation and thread start outside the timing
     ring.acquire(first_steps[1])

@@ -75,6 +75,7 @@ struct GatherCall {
   void* x;
   bool x_int32;
   int64_t* y;
+  const int64_t* out_rows = nullptr;  // row of x/y for each start; nullptr = rows 0 .. batch-1
 };
 
 // The gather with SIGBUS turned into ShardFault naming the shard whose pages vanished.
@@ -82,7 +83,7 @@ void guarded_gather(const GatherCall& call) {
   const void* fault = gpuload::run_guarding_sigbus(
       [](void* p) {
         const auto& c = *static_cast<const GatherCall*>(p);
-        gpuload::gather_windows(c.t->table, c.starts, c.batch, c.seq_len, c.x, c.x_int32, c.y);
+        gpuload::gather_windows(c.t->table, c.starts, c.batch, c.seq_len, c.x, c.x_int32, c.y, c.out_rows);
       },
       const_cast<GatherCall*>(&call));
   if (fault == nullptr) return;
@@ -107,12 +108,52 @@ void check_starts(const BoundTable& t, const int64_t* s, int64_t batch, int64_t 
       throw std::out_of_range("window start " + std::to_string(s[b]) + " outside the stream");
 }
 
+// Rows handed in by the caller: out_rows index x and y (x_rows rows); rows, if given, a global batch.
+void check_rows(const Int64Array* rows, const Int64Array& out_rows, const Int64Array& starts, int64_t global_batch,
+                int64_t x_rows) {
+  if (out_rows.size() != starts.size() || (rows != nullptr && rows->size() != starts.size()))
+    throw std::invalid_argument("rows, out_rows and starts must have the same length");
+  for (int64_t b = 0; b < starts.size(); ++b) {
+    if (rows != nullptr && (rows->data()[b] < 0 || rows->data()[b] >= global_batch))
+      throw std::out_of_range("row " + std::to_string(rows->data()[b]) + " outside the global batch");
+    if (out_rows.data()[b] < 0 || out_rows.data()[b] >= x_rows)
+      throw std::out_of_range("out row " + std::to_string(out_rows.data()[b]) + " outside x and y");
+  }
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_native, m) {
   m.doc() = "gpuload native host code: CPU window gather and window starts";
 
   py::register_exception<ShardFault>(m, "ShardFault", PyExc_OSError);
+
+  m.def("mixture_rows",
+        [](uint64_t seed, uint64_t step, const std::vector<int64_t>& counts, int64_t row0, Int64Array source,
+           Int64Array index) {
+          const int64_t count = source.size();
+          int64_t rows_total = 0;
+          for (int64_t c : counts) {
+            if (c < 0) throw std::invalid_argument("mixture counts must be >= 0");
+            rows_total += c;
+          }
+          if (index.size() != count || row0 < 0 || rows_total < row0 + count)
+            throw std::invalid_argument("need len(source) == len(index) and row0 + len(source) <= sum(counts)");
+          int64_t* src = source.mutable_data();
+          int64_t* idx = index.mutable_data();
+          py::gil_scoped_release release;
+          gpuload::mixture_slots(seed, step, rows_total, row0, count, idx);
+          for (int64_t b = 0; b < count; ++b) {
+            int64_t k = 0, first = 0;
+            while (idx[b] >= first + counts[k]) first += counts[k++];
+            src[b] = k;
+            idx[b] -= first;
+          }
+        },
+        py::arg("seed"), py::arg("step"), py::arg("counts"), py::arg("row0"), py::arg("source").noconvert(),
+        py::arg("index").noconvert(),
+        "gpuload.mixture.mixture_rows for rows row0 .. row0+len(source)-1: each row's source and its index "
+        "among that source's rows, into `source` and `index`.");
 
   py::class_<BoundTable>(m, "ShardTable")
       .def(py::init(&make_table), py::arg("arrays"), py::arg("names") = std::vector<std::string>{},
@@ -158,5 +199,39 @@ PYBIND11_MODULE(_native, m) {
            py::arg("mode"), py::arg("seed"), py::arg("step"), py::arg("row0"), py::arg("global_batch"),
            py::arg("seq_len"), py::arg("starts").noconvert(), py::arg("x"), py::arg("x_int32"), py::arg("y"),
            py::arg("windows_per_chunk") = 0,
-           "Window starts of rows row0 .. row0+len(starts)-1 into `starts`, then their gather into x and y.");
+           "Window starts of rows row0 .. row0+len(starts)-1 into `starts`, then their gather into x and y.")
+      .def("gather_rows",
+           [](const BoundTable& t, Int64Array starts, int64_t seq_len, Int64Array out_rows, uintptr_t x, bool x_int32,
+              uintptr_t y, int64_t x_rows) {
+             check_call(t, 0, 0, 0, 0, seq_len);
+             check_rows(nullptr, out_rows, starts, 0, x_rows);
+             const int64_t batch = starts.size();
+             check_starts(t, starts.data(), batch, seq_len);
+             py::gil_scoped_release release;
+             guarded_gather({&t, starts.data(), batch, seq_len, reinterpret_cast<void*>(x), x_int32,
+                             reinterpret_cast<int64_t*>(y), out_rows.data()});
+           },
+           py::arg("starts").noconvert(), py::arg("seq_len"), py::arg("out_rows").noconvert(), py::arg("x"),
+           py::arg("x_int32"), py::arg("y"), py::arg("x_rows"),
+           "The window at starts[b] into row out_rows[b] of x and y, contiguous (x_rows, seq_len) tensors.")
+      .def("sample_rows_and_gather",
+           [](const BoundTable& t, int mode, uint64_t seed, uint64_t step, Int64Array rows, int64_t global_batch,
+              int64_t seq_len, Int64Array out_rows, Int64Array starts, uintptr_t x, bool x_int32, uintptr_t y,
+              int64_t x_rows, int64_t windows_per_chunk) {
+             const Sampling s = check_call(t, mode, 0, 0, global_batch, seq_len);
+             check_rows(&rows, out_rows, starts, global_batch, x_rows);
+             const gpuload::Chunking chunking = make_chunking(t, global_batch, seq_len, windows_per_chunk);
+             const int64_t batch = rows.size();
+             int64_t* dst = starts.mutable_data();
+             py::gil_scoped_release release;
+             gpuload::window_starts_of_rows(s, seed, step, rows.data(), batch, global_batch, t.table.num_tokens(),
+                                            seq_len, chunking, dst);
+             guarded_gather({&t, dst, batch, seq_len, reinterpret_cast<void*>(x), x_int32,
+                             reinterpret_cast<int64_t*>(y), out_rows.data()});
+           },
+           py::arg("mode"), py::arg("seed"), py::arg("step"), py::arg("rows").noconvert(), py::arg("global_batch"),
+           py::arg("seq_len"), py::arg("out_rows").noconvert(), py::arg("starts").noconvert(), py::arg("x"),
+           py::arg("x_int32"), py::arg("y"), py::arg("x_rows"), py::arg("windows_per_chunk") = 0,
+           "Window starts of global rows `rows` (of a global batch of global_batch rows) into `starts`, and "
+           "their gather into rows out_rows of x and y, contiguous (x_rows, seq_len) tensors.");
 }

@@ -26,20 +26,26 @@ void copy_row(const ShardTable& shards, int64_t start, int64_t seq_len, X* x, in
 // One thread: at B*T = 32K tokens the gather runs at ~33 us, at the speed of a contiguous numpy
 // convert-copy of the same bytes (benchmarks/bench_cpu_gather.py), so there is nothing to split.
 template <typename Src, typename X>
-void gather_typed(const ShardTable& shards, const int64_t* starts, int64_t batch, int64_t seq_len, X* x, int64_t* y) {
-  for (int64_t b = 0; b < batch; ++b) copy_row<Src, X>(shards, starts[b], seq_len, x + b * seq_len, y + b * seq_len);
+void gather_typed(const ShardTable& shards, const int64_t* starts, int64_t batch, int64_t seq_len, X* x, int64_t* y,
+                  const int64_t* out_rows) {
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t row = out_rows == nullptr ? b : out_rows[b];
+    copy_row<Src, X>(shards, starts[b], seq_len, x + row * seq_len, y + row * seq_len);
+  }
 }
 
 }  // namespace
 
 void gather_windows(const ShardTable& shards, const int64_t* starts, int64_t batch, int64_t seq_len,
-                    void* x, bool x_int32, int64_t* y) {
+                    void* x, bool x_int32, int64_t* y, const int64_t* out_rows) {
+  auto* x32 = static_cast<int32_t*>(x);
+  auto* x64 = static_cast<int64_t*>(x);
   if (shards.token_bytes == 2) {
-    if (x_int32) return gather_typed<uint16_t, int32_t>(shards, starts, batch, seq_len, static_cast<int32_t*>(x), y);
-    return gather_typed<uint16_t, int64_t>(shards, starts, batch, seq_len, static_cast<int64_t*>(x), y);
+    if (x_int32) return gather_typed<uint16_t, int32_t>(shards, starts, batch, seq_len, x32, y, out_rows);
+    return gather_typed<uint16_t, int64_t>(shards, starts, batch, seq_len, x64, y, out_rows);
   }
-  if (x_int32) return gather_typed<uint32_t, int32_t>(shards, starts, batch, seq_len, static_cast<int32_t*>(x), y);
-  return gather_typed<uint32_t, int64_t>(shards, starts, batch, seq_len, static_cast<int64_t*>(x), y);
+  if (x_int32) return gather_typed<uint32_t, int32_t>(shards, starts, batch, seq_len, x32, y, out_rows);
+  return gather_typed<uint32_t, int64_t>(shards, starts, batch, seq_len, x64, y, out_rows);
 }
 
 void window_starts(Sampling mode, uint64_t seed, uint64_t step, int64_t row0, int64_t count,
@@ -48,6 +54,14 @@ void window_starts(Sampling mode, uint64_t seed, uint64_t step, int64_t row0, in
   for (int64_t b = 0; b < count; ++b)
     starts[b] = static_cast<int64_t>(window_start(mode, seed, step, static_cast<uint64_t>(row0 + b),
                                                   global_batch, num_tokens, seq_len, chunking));
+}
+
+void window_starts_of_rows(Sampling mode, uint64_t seed, uint64_t step, const int64_t* rows, int64_t count,
+                           int64_t global_batch, int64_t num_tokens, int64_t seq_len, const Chunking& chunking,
+                           int64_t* starts) {
+  for (int64_t b = 0; b < count; ++b)
+    starts[b] = static_cast<int64_t>(window_start(mode, seed, step, static_cast<uint64_t>(rows[b]), global_batch,
+                                                  num_tokens, seq_len, chunking));
 }
 
 }  // namespace gpuload

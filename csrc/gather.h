@@ -16,14 +16,20 @@ struct ShardTable {
   int64_t num_tokens() const { return start.back(); }
 };
 
-// Rows [0, batch) of x/y get the windows starting at starts[b]; x is int32 or int64, y int64.
-// The caller guarantees 0 <= starts[b] and starts[b] + seq_len < num_tokens.
+// Row out_rows[b] (b without out_rows) of x/y gets the window starting at starts[b], b in [0, batch);
+// x is int32 or int64, y int64. The caller guarantees 0 <= starts[b], starts[b] + seq_len < num_tokens,
+// and out_rows[b] inside x and y.
 void gather_windows(const ShardTable& shards, const int64_t* starts, int64_t batch, int64_t seq_len,
-                    void* x, bool x_int32, int64_t* y);
+                    void* x, bool x_int32, int64_t* y, const int64_t* out_rows = nullptr);
 
 // starts[b] = window_start(mode, seed, step, row0 + b, ..., chunking) for b in [0, count).
 void window_starts(Sampling mode, uint64_t seed, uint64_t step, int64_t row0, int64_t count,
                    int64_t global_batch, int64_t num_tokens, int64_t seq_len, const Chunking& chunking,
                    int64_t* starts);
+
+// starts[b] = window_start(mode, seed, step, rows[b], ..., chunking) for b in [0, count).
+void window_starts_of_rows(Sampling mode, uint64_t seed, uint64_t step, const int64_t* rows, int64_t count,
+                           int64_t global_batch, int64_t num_tokens, int64_t seq_len, const Chunking& chunking,
+                           int64_t* starts);
 
 }  // namespace gpuload

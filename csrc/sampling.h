@@ -3,13 +3,16 @@
 // modulo 2^64, exactly like the int64 torch reference.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
+#include <vector>
 
 namespace gpuload {
 
 constexpr uint64_t kSaltRandom = 0x243F6A8885A308D3ull;
 constexpr uint64_t kSaltShuffle = 0x13198A2E03707344ull;
 constexpr uint64_t kSaltChunks = 0xA4093822299F31D0ull;
+constexpr uint64_t kSaltMixture = 0xBE5466CF34E90C6Cull;
 constexpr int kFeistelRounds = 6;
 
 enum class Sampling : int { kRandom = 0, kShuffle = 1, kSequential = 2 };
@@ -95,6 +98,21 @@ inline uint64_t window_start(Sampling mode, uint64_t seed, uint64_t step, uint64
   const uint64_t windows = chunk == c.num_chunks - 1 ? c.last_windows : c.windows_per_chunk;
   const uint64_t within = feistel_permute(index - pos * c.windows_per_chunk, epoch * c.num_chunks + pos, seed, windows);
   return (chunk * c.windows_per_chunk + within) * seq_len;
+}
+
+// Mixture slots (gpuload/mixture.py): slots[b] is the rank of row0 + b's hash mix64(key + g) among
+// the hashes of all rows_total rows of the step, key = mix64(mix64(seed ^ kSaltMixture) + step).
+// mix64 is a bijection, so the hashes are distinct and the ranks a permutation of [0, rows_total).
+inline void mixture_slots(uint64_t seed, uint64_t step, int64_t rows_total, int64_t row0, int64_t count,
+                          int64_t* slots) {
+  const uint64_t key = mix64(mix64(seed ^ kSaltMixture) + step);
+  std::vector<uint64_t> sorted(static_cast<size_t>(rows_total));
+  for (int64_t g = 0; g < rows_total; ++g) sorted[g] = mix64(key + static_cast<uint64_t>(g));
+  std::sort(sorted.begin(), sorted.end());
+  for (int64_t b = 0; b < count; ++b) {
+    const uint64_t own = mix64(key + static_cast<uint64_t>(row0 + b));
+    slots[b] = std::lower_bound(sorted.begin(), sorted.end(), own) - sorted.begin();
+  }
 }
 
 }  // namespace gpuload

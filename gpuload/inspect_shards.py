@@ -9,20 +9,10 @@ from typing import Optional, Sequence
 import numpy as np
 
 from gpuload.encodings import EncodingError, delimiter_token, get_encoding
-from gpuload.prepare import KINDS, MANIFEST
-from gpuload.shards import (LLMC_FORMATS, LLMC_MAGIC_FOR_DTYPE, SHARD_SUFFIXES, Shard, ShardError, open_shard,
-                             resolve_paths)
+from gpuload.prepare import KINDS
+from gpuload.shards import (LLMC_FORMATS, LLMC_MAGIC_FOR_DTYPE, MANIFEST, SHARD_SUFFIXES, Shard, ShardError,
+                             load_manifest, open_shard, resolve_paths)
 CHUNK = 1 << 24  # tokens per pass: bounds the temporary arrays of min/max/count to a few tens of MB
-
-
-def load_manifest(directory: str) -> Optional[dict]:
-    """The manifest.json of `directory`, or None when there is none or it is not valid JSON."""
-    try:
-        with open(os.path.join(directory, MANIFEST)) as f:
-            manifest = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return manifest if isinstance(manifest, dict) else None
 
 
 def shard_stats(shard: Shard, delimiter: Optional[int]) -> dict:

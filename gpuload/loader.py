@@ -4,21 +4,23 @@ from __future__ import annotations
 
 import operator
 import os
-from typing import Optional
+import warnings
+from typing import Mapping, Optional, Sequence
 
 import numpy as np
 import torch
 
 from gpuload import native
 from gpuload.kernels.gather import gather_reference
-from gpuload.ring import PLACEMENTS, Ring, plan_ring
+from gpuload.mixture import mixture_counts, mixture_rows
+from gpuload.ring import PLACEMENTS, Ring, RingLayout, default_ring_bytes, plan_ring
 from gpuload.sampling import MASK64, SAMPLING_IDS, SAMPLING_MODES, check_domain, window_starts_and_visits
 from gpuload.shards import TokenStream
 
 BACKENDS = ("auto", "torch", "native", "triton")
-STATE_FORMAT = "gpuload.loader/1"
-STATE_KEYS = ("format", "step", "seed", "sampling", "seq_len", "global_batch", "num_tokens", "dataset",
-              "windows_per_chunk", "align_bos")
+STATE_FORMAT = "gpuload.loader/2"
+STATE_KEYS = ("format", "step", "seed", "sampling", "seq_len", "global_batch", "align_bos", "sources")
+SOURCE_STATE_KEYS = ("name", "dataset", "num_tokens", "windows_per_chunk", "rows")
 
 
 def _env_int(name: str) -> Optional[int]:
@@ -61,6 +63,60 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
+def ring_budgets(sizes: Sequence[int], budget: int) -> list[int]:
+    """Ring tokens for each source of `sizes` tokens out of `budget` in all, by water-filling: a source
+    smaller than its even share is held whole and leaves the rest to the larger ones."""
+    out = [0] * len(sizes)
+    left = budget
+    for i, k in enumerate(sorted(range(len(sizes)), key=lambda k: sizes[k])):
+        out[k] = min(sizes[k], left // (len(sizes) - i))
+        left -= out[k]
+    return out
+
+
+class Source:
+    """One dataset of a loader: its token stream, its rows of every global batch, and where its tokens are read.
+
+    A plain loader has one source (name None) with all G rows; a mixture has one per dataset, source k
+    with c_k rows (gpuload/mixture.py), sampled by the contract with c_k as its global batch.
+    """
+
+    def __init__(self, name: Optional[str], stream: TokenStream, rows: int):
+        self.name, self.stream, self.rows = name, stream, rows
+        self.num_tokens = stream.num_tokens
+        self.fingerprint = stream.fingerprint()
+        self.layout: Optional[RingLayout] = None
+        self.doc_starts: Optional[torch.Tensor] = None  # align='bos': document starts where a window fits
+        self.ring: Optional[Ring] = None                # torch and triton backends
+        self.table = None                               # native backend: the shard table read in place
+
+    @property
+    def chunking(self):
+        return self.layout.chunking
+
+    @property
+    def windows_per_chunk(self) -> int:
+        """Windows per ring chunk of the chunked rule; 0 when the ring holds the whole stream."""
+        return 0 if self.chunking is None else self.chunking.windows_per_chunk
+
+    def where(self) -> str:
+        """How error messages name this source: its name and first shard."""
+        paths = self.stream.paths
+        files = f"{paths[0]}{' ...' if len(paths) > 1 else ''}"
+        return files if self.name is None else f"source {self.name!r} ({files})"
+
+    def state(self) -> dict:
+        return {"name": self.name, "dataset": self.fingerprint, "num_tokens": self.num_tokens,
+                "windows_per_chunk": self.windows_per_chunk, "rows": self.rows}
+
+    def close(self) -> None:
+        if self.ring is not None:
+            self.ring.close()
+            self.ring = None
+        self.table = None
+        self.stream.close()
+
+
 class GPULoader:
     """Infinite iterator of (x, y) token batches of shape (batch_size, seq_len) for one DDP rank.
 
@@ -70,6 +126,9 @@ class GPULoader:
     backends read tokens from a ring (gpuload/ring.py) of `ring_tokens` tokens (None: the whole stream
     when it fits gpuload.ring.default_ring_bytes()); a ring smaller than the stream switches random and
     shuffle to the chunked rule, on every backend alike.
+
+    `files` as {name: files} with `weights={name: weight}` is a mixture: every global batch takes
+    exactly c_k rows from source k (gpuload/mixture.py), and each source keeps its own position.
     """
 
     def __init__(self, files, batch_size: int, seq_len: int, sampling: str = "random", seed: int = 0,
@@ -77,7 +136,7 @@ class GPULoader:
                  input_dtype: torch.dtype = torch.int64, backend: str = "auto", token_dtype=np.uint16,
                  ring_tokens: Optional[int] = None, placement: str = "device", static_buffers: bool = False,
                  loop: bool = True, bos_token: Optional[int] = None, doc_info: bool = False,
-                 align: Optional[str] = None):
+                 align: Optional[str] = None, weights: Optional[Mapping[str, float]] = None):
         batch_size, seq_len, seed = _as_int("batch_size", batch_size), _as_int("seq_len", seq_len), _as_int("seed", seed)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -119,39 +178,106 @@ class GPULoader:
         self.placement, self.static_buffers, self.loop = placement, bool(static_buffers), bool(loop)
         self.bos_token, self.doc_info, self.align = bos_token, bool(doc_info), align
         self.step = 0
-        self._ring: Optional[Ring] = None
-        self._source = None
+        self.sources: list[Source] = []
+        self._closed = False
 
-        self.stream = TokenStream(files, token_dtype=token_dtype)
-        if self.stream.num_tokens < seq_len + 1:
-            raise ValueError(
-                f"the shards hold {self.stream.num_tokens} tokens in all ({', '.join(self.stream.paths[:4])}"
-                f"{', ...' if len(self.stream.paths) > 4 else ''}); a window needs seq_len + 1 = {seq_len + 1}. "
-                f"Use a smaller seq_len or more data.")
-        self.num_tokens = self.stream.num_tokens
-        check_domain(0, self.global_batch, self.num_tokens)
-        self.fingerprint = self.stream.fingerprint()
-        self.ring_layout = plan_ring(self.num_tokens, self.stream.dtype.itemsize, seq_len, self.global_batch, ring_tokens)
-        self.chunking = self.ring_layout.chunking
-        self._doc_starts = None
-        if align:
-            self._doc_starts = self._usable_document_starts()
-        self.backend = self._choose_backend(backend)
+        named_files, self.weights, self.counts = self._plan_mixture(files, weights)
+        try:
+            for (name, source_files), rows in zip(named_files, self.counts):
+                self.sources.append(Source(name, TokenStream(source_files, token_dtype=token_dtype), rows))
+            self._check_sources()
+            self.num_tokens = sum(source.num_tokens for source in self.sources)
+            self._plan_rings(ring_tokens)
+            if align:
+                for source in self.sources:
+                    source.doc_starts = self._usable_document_starts(source)
+            self.backend = self._choose_backend(backend)
+            if self.backend == "triton":
+                self._check_triton_device()
+            # The native backend reads the memory maps in place through its shard table (which keeps them
+            # alive while a call is in flight); the page cache is its ring. The others read the ring.
+            for source in self.sources:
+                if self.backend == "native":
+                    source.table = native.module().ShardTable(source.stream.arrays, source.stream.paths)
+                else:
+                    source.ring = Ring(source.stream, source.layout, sampling, seed, self.device, placement)
+        except BaseException:
+            self.close()
+            raise
         self._rows = torch.arange(rank * batch_size, (rank + 1) * batch_size, dtype=torch.int64)
+        self._starts = np.empty(batch_size, dtype=np.int64)
+        self._which, self._index = np.empty(batch_size, dtype=np.int64), np.empty(batch_size, dtype=np.int64)
         self._out = None
         if self.static_buffers:
             self._out = (torch.empty((batch_size, seq_len), dtype=input_dtype, device=self.device),
                          torch.empty((batch_size, seq_len), dtype=torch.int64, device=self.device))
-        # The native backend reads the memory maps in place through its shard table (which keeps them alive
-        # while a call is in flight); the page cache is its ring. The others read the ring.
-        if self.backend == "native":
-            self._source = native.module().ShardTable(self.stream.arrays, self.stream.paths)
-            self._starts = np.empty(batch_size, dtype=np.int64)
-        else:
-            if self.backend == "triton":
-                self._check_triton_device()
-            self._ring = Ring(self.stream, self.ring_layout, sampling, seed, self.device, placement)
-            self._source = self._ring
+
+    def _plan_mixture(self, files, weights):
+        """([(name, files)], weights or None, rows per source) from the constructor's files and weights."""
+        if not isinstance(files, Mapping):
+            if weights is not None:
+                raise ValueError("weights= is for a mixture: pass files as {name: files}, e.g. "
+                                 "GPULoader({'web': 'web/*.bin', 'code': 'code/*.bin'}, weights={'web': 0.7, 'code': 0.3})")
+            return [(None, files)], None, [self.global_batch]
+        names = list(files)
+        bad = [name for name in names if not isinstance(name, str) or not name]
+        if bad:
+            raise ValueError(f"mixture source names must be non-empty strings, found {bad!r}")
+        if weights is None:
+            raise ValueError(f"a mixture of {names} needs weights={{name: weight}} for each source")
+        if not isinstance(weights, Mapping):
+            raise ValueError(f"weights must be a dict {{name: weight}} over the sources {names}, found "
+                             f"{type(weights).__name__}")
+        if set(weights) != set(names):
+            missing, extra = [n for n in names if n not in weights], [n for n in weights if n not in files]
+            raise ValueError(f"weights must name exactly the sources {names}: "
+                             + "; ".join(part for part in (f"missing {missing}" if missing else "",
+                                                           f"unknown {extra}" if extra else "") if part))
+        if not self.loop:
+            raise ValueError("loop=False (one evaluation pass) reads one dataset; evaluate each source of a mixture "
+                             "with its own GPULoader")
+        ordered = {name: weights[name] for name in names}
+        counts = mixture_counts(ordered, self.global_batch)
+        empty = [name for name, c in zip(names, counts) if c == 0]
+        if empty:
+            raise ValueError(f"mixture source(s) {empty} get 0 of the {self.global_batch} rows of each global batch "
+                             f"(weights {ordered}): raise their weights or the global batch, or drop them")
+        return [(name, files[name]) for name in names], ordered, counts
+
+    def _check_sources(self) -> None:
+        """Every source holds a window; a mixture's sources share the token width and vocabulary."""
+        for source in self.sources:
+            if source.num_tokens < self.seq_len + 1:
+                raise ValueError(f"{source.where()} holds {source.num_tokens} tokens in all; a window needs "
+                                 f"seq_len + 1 = {self.seq_len + 1}. Use a smaller seq_len or more data.")
+        if len(self.sources) == 1:
+            return
+        widths = {source.stream.dtype for source in self.sources}
+        if len(widths) > 1:
+            found = ", ".join(f"{s.where()}: {s.stream.dtype}" for s in self.sources)
+            raise ValueError(f"mixture sources have different token widths ({found}); a batch mixes their tokens, so "
+                             f"all must come from one tokenizer: re-create the shards with one encoding")
+        vocabularies = [(s, s.stream.vocabulary()) for s in self.sources]
+        known = [(s, v) for s, v in vocabularies if v is not None]
+        if len({v[:2] for _, v in known}) > 1:
+            found = ", ".join(f"{s.name!r}: {v[0]} ({v[1]} tokens, per {v[2]})" for s, v in known)
+            raise ValueError(f"mixture sources were tokenized with different vocabularies ({found}); the same id would "
+                             f"mean different text: re-tokenize every source with one encoding (gpuload prepare "
+                             f"--encoding)")
+
+    def _plan_rings(self, ring_tokens: Optional[int]) -> None:
+        itemsize = self.sources[0].stream.dtype.itemsize
+        budget = default_ring_bytes() // itemsize if ring_tokens is None else ring_tokens
+        shares = ring_budgets([source.num_tokens for source in self.sources], budget)
+        for source, share in zip(self.sources, shares):
+            try:
+                source.layout = plan_ring(source.num_tokens, itemsize, self.seq_len, source.rows, share)
+            except ValueError as e:
+                if source.name is None:
+                    raise
+                raise ValueError(f"{source.where()}, {share} of the {budget} ring tokens, with {source.rows} rows "
+                                 f"per step: {e}") from None
+            check_domain(0, source.rows, source.num_tokens)
 
     def _choose_backend(self, backend: str) -> str:
         if backend == "auto":
@@ -164,19 +290,19 @@ class GPULoader:
                                f"use backend='torch' or reinstall gpuload with a C++ compiler present")
         return backend
 
-    def _usable_document_starts(self) -> torch.Tensor:
+    def _usable_document_starts(self, source: Source) -> torch.Tensor:
         """The positions of bos_token where a whole window fits (int64, CPU), found once at construction."""
         from gpuload.documents import document_starts, usable_document_starts
 
-        if self.chunking is not None:
-            raise ValueError(f"align='bos' needs the whole stream in the ring (ring_tokens >= {self.num_tokens}); "
-                             f"aligned rows with a ring smaller than the stream are not implemented yet")
+        if source.chunking is not None:
+            raise ValueError(f"align='bos' needs the whole stream of {source.where()} in the ring (ring_tokens >= "
+                             f"{source.num_tokens}); aligned rows with a ring smaller than the stream are not "
+                             f"implemented yet")
         try:
-            return usable_document_starts(document_starts(self.stream.arrays, self.bos_token, device="cpu"),
-                                          self.num_tokens, self.seq_len)
+            return usable_document_starts(document_starts(source.stream.arrays, self.bos_token, device="cpu"),
+                                          source.num_tokens, self.seq_len)
         except ValueError as e:
-            raise ValueError(f"align='bos' in {self.stream.paths[0]}{' ...' if len(self.stream.paths) > 1 else ''}: "
-                             f"{e}") from None
+            raise ValueError(f"align='bos' in {source.where()}: {e}") from None
 
     def _check_triton_device(self) -> None:
         from gpuload.kernels import triton_gather  # imported late: triton is slow to import
@@ -215,71 +341,146 @@ class GPULoader:
 
         return doc_info_reference(x, self.bos_token)
 
-    def window_starts(self, step: int) -> torch.Tensor:
-        """Window start of each of this rank's rows at `step` (int64, on the CPU)."""
-        if self._doc_starts is not None:
+    @property
+    def mixed(self) -> bool:
+        return len(self.sources) > 1
+
+    def row_sources(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(source, index) of each of this rank's rows at `step` (int64, CPU): the row's source in
+        `self.sources` and its row among that source's c_k rows (the global row of its contract)."""
+        if not self.mixed:
+            return torch.zeros_like(self._rows), self._rows
+        return mixture_rows(self.seed, step, self.counts, self._rows)
+
+    def _source_starts(self, source: Source, step: int, index: torch.Tensor):
+        """(window starts, ring visits or None) of rows `index` of `source` at `step`."""
+        if source.doc_starts is not None:
             from gpuload.documents import aligned_window_starts
 
-            return aligned_window_starts(self.sampling, self.seed, step, self._rows, self.global_batch,
-                                         self._doc_starts, self.num_tokens)
-        return window_starts_and_visits(self.sampling, self.seed, step, self._rows, self.global_batch,
-                                        self.num_tokens, self.seq_len, self.chunking)[0]
+            return aligned_window_starts(self.sampling, self.seed, step, index, source.rows, source.doc_starts,
+                                         source.num_tokens), None
+        return window_starts_and_visits(self.sampling, self.seed, step, index, source.rows, source.num_tokens,
+                                        self.seq_len, source.chunking)
+
+    def window_starts(self, step: int) -> torch.Tensor:
+        """Window start of each of this rank's rows at `step` (int64, CPU), in the stream of the row's source."""
+        which, index = self.row_sources(step)
+        starts = torch.empty_like(index)
+        for k, source in enumerate(self.sources):
+            mine = which == k
+            if bool(mine.any()):
+                starts[mine] = self._source_starts(source, step, index[mine])[0]
+        return starts
 
     def _produce(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        source = self._source  # read once: close() may clear it from another thread meanwhile
-        if source is None:
+        if self._closed:
             raise RuntimeError("the loader is closed; create a new GPULoader (and load_state_dict) to go on")
         check_domain(step, self.global_batch, self.num_tokens)
-        B, T = self.batch_size, self.seq_len
-        out_x, out_y = self._out if self._out is not None else (None, None)
         if self.backend == "native":
-            # Pinned host memory lets the device copy below run asynchronously.
-            pin = self.device.type == "cuda"
-            x = torch.empty((B, T), dtype=self.input_dtype, pin_memory=pin)
-            y = torch.empty((B, T), dtype=torch.int64, pin_memory=pin)
-            if self._doc_starts is not None:
-                self._starts[:] = self.window_starts(step).numpy()
-                source.gather(self._starts, T, x.data_ptr(), self.input_dtype == torch.int32, y.data_ptr())
-            else:
-                source.sample_and_gather(
-                    SAMPLING_IDS[self.sampling], self.seed & MASK64, step, self.rank * B, self.global_batch, T,
-                    self._starts, x.data_ptr(), self.input_dtype == torch.int32, y.data_ptr(),
-                    self.windows_per_chunk)
-            if out_x is not None:
-                return out_x.copy_(x, non_blocking=True), out_y.copy_(y, non_blocking=True)
-            if self.device.type != "cpu":
-                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            return x, y
-        tokens = source.acquire(step)
-        layout = self.ring_layout
+            return self._produce_native(step)
         if self.backend == "triton":
-            from gpuload.kernels.triton_gather import gather_batch_triton
+            return self._produce_triton(step)
+        return self._produce_torch(step)
 
-            given = None if self._doc_starts is None else self.window_starts(step).to(self.device)
-            x, y = gather_batch_triton(tokens, self.sampling, self.seed, step, self.rank * B, B, self.global_batch,
-                                       self.num_tokens, T, out_x, out_y, self.input_dtype, chunking=self.chunking,
-                                       num_slots=layout.num_slots, slot_tokens=layout.slot_tokens, device=self.device,
-                                       starts=given)
-        else:
-            if self._doc_starts is not None:
-                starts, visits = self.window_starts(step), None
-            else:
-                starts, visits = window_starts_and_visits(self.sampling, self.seed, step, self._rows,
-                                                          self.global_batch, self.num_tokens, T, self.chunking)
-            positions = source.ring_positions(starts, visits).to(tokens.device)
-            bounds = torch.tensor([0, tokens.numel()], device=tokens.device)
-            x, y = gather_reference([tokens], bounds, positions, T, self.input_dtype)
-            if self.device != tokens.device:  # zero-copy placement: the torch reference reads the host ring
-                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            if out_x is not None:
-                x, y = out_x.copy_(x), out_y.copy_(y)
-        source.release(step)
+    def _outputs(self, device: torch.device, pin: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = (self.batch_size, self.seq_len)
+        return (torch.empty(shape, dtype=self.input_dtype, device=device, pin_memory=pin),
+                torch.empty(shape, dtype=torch.int64, device=device, pin_memory=pin))
+
+    def _to_device(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch on the loader's device, in the static buffers when there are any."""
+        if self._out is not None:
+            return self._out[0].copy_(x, non_blocking=True), self._out[1].copy_(y, non_blocking=True)
+        if x.device != self.device:
+            return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         return x, y
 
-    @property
-    def windows_per_chunk(self) -> int:
-        """Windows per ring chunk of the chunked rule; 0 when the ring holds the whole stream."""
-        return 0 if self.chunking is None else self.chunking.windows_per_chunk
+    def _produce_native(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        T, int32 = self.seq_len, self.input_dtype == torch.int32
+        # Pinned host memory lets the device copy run asynchronously.
+        x, y = self._outputs(torch.device("cpu"), pin=self.device.type == "cuda")
+        if not self.mixed:
+            source = self.sources[0]
+            table = source.table  # read once: close() may clear it from another thread meanwhile
+            if table is None:
+                raise RuntimeError("the loader is closed; create a new GPULoader (and load_state_dict) to go on")
+            if source.doc_starts is None:
+                table.sample_and_gather(SAMPLING_IDS[self.sampling], self.seed & MASK64, step,
+                                        self.rank * self.batch_size, self.global_batch, T, self._starts,
+                                        x.data_ptr(), int32, y.data_ptr(), source.windows_per_chunk)
+            else:
+                self._starts[:] = self.window_starts(step).numpy()
+                table.gather(self._starts, T, x.data_ptr(), int32, y.data_ptr())
+            return self._to_device(x, y)
+        # The mixture in C++ too: gpuload.mixture.mixture_rows's rule, then per source the starts of its rows and
+        # their gather straight into the batch rows they belong to.
+        native.module().mixture_rows(self.seed & MASK64, step, self.counts, self.rank * self.batch_size,
+                                     self._which, self._index)
+        for k, source in enumerate(self.sources):
+            table = source.table
+            if table is None:
+                raise RuntimeError("the loader is closed; create a new GPULoader (and load_state_dict) to go on")
+            rows = np.flatnonzero(self._which == k)
+            if rows.size == 0:
+                continue
+            index, starts = self._index[rows], self._starts[:rows.size]
+            if source.doc_starts is None:
+                table.sample_rows_and_gather(SAMPLING_IDS[self.sampling], self.seed & MASK64, step, index, source.rows,
+                                             T, rows, starts, x.data_ptr(), int32, y.data_ptr(), self.batch_size,
+                                             source.windows_per_chunk)
+            else:
+                starts[:] = self._source_starts(source, step, torch.from_numpy(index))[0].numpy()
+                table.gather_rows(starts, T, rows, x.data_ptr(), int32, y.data_ptr(), self.batch_size)
+        return self._to_device(x, y)
+
+    def _acquire(self, source: Source, step: int) -> tuple[Ring, torch.Tensor]:
+        ring = source.ring  # read once: close() may clear it from another thread meanwhile
+        if ring is None:
+            raise RuntimeError("the loader is closed; create a new GPULoader (and load_state_dict) to go on")
+        return ring, ring.acquire(step)
+
+    def _produce_triton(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        from gpuload.kernels.triton_gather import gather_batch_triton
+
+        x, y = self._out if self._out is not None else self._outputs(self.device)
+        which, index = self.row_sources(step) if any(s.doc_starts is not None for s in self.sources) else (None, None)
+        for k, source in enumerate(self.sources):
+            ring, tokens = self._acquire(source, step)
+            given = None
+            if source.doc_starts is not None:  # align='bos': starts drawn among document starts, on the host
+                mine = which == k
+                given = torch.zeros_like(index)
+                given[mine] = self._source_starts(source, step, index[mine])[0]
+                given = given.to(self.device)
+            layout = source.layout
+            # One launch per source; with a mixture each writes only the rows the step gives its source.
+            gather_batch_triton(tokens, self.sampling, self.seed, step, self.rank * self.batch_size, self.batch_size,
+                                source.rows, source.num_tokens, self.seq_len, x, y, self.input_dtype,
+                                chunking=layout.chunking, num_slots=layout.num_slots, slot_tokens=layout.slot_tokens,
+                                device=self.device, starts=given,
+                                mixture=(self.counts, k) if self.mixed else None)
+            ring.release(step)
+        return x, y
+
+    def _produce_torch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        which, index = self.row_sources(step)
+        parts = []
+        for k, source in enumerate(self.sources):
+            ring, tokens = self._acquire(source, step)
+            rows = torch.nonzero(which == k).flatten() if self.mixed else None
+            if rows is None or rows.numel():
+                starts, visits = self._source_starts(source, step, index if rows is None else index[rows])
+                positions = ring.ring_positions(starts, visits).to(tokens.device)
+                bounds = torch.tensor([0, tokens.numel()], device=tokens.device)
+                parts.append((rows, *gather_reference([tokens], bounds, positions, self.seq_len, self.input_dtype)))
+            ring.release(step)
+        if not self.mixed:
+            return self._to_device(*parts[0][1:])
+        # Zero-copy placement: the torch reference reads the host ring, and the rows meet on the host.
+        x, y = self._outputs(parts[0][1].device)
+        for rows, part_x, part_y in parts:
+            x[rows.to(x.device)], y[rows.to(x.device)] = part_x, part_y
+        return self._to_device(x, y)
 
     @property
     def align_bos(self) -> Optional[int]:
@@ -290,56 +491,81 @@ class GPULoader:
         """Everything needed to continue the same batch stream; plain data (JSON-serializable)."""
         return {
             "format": STATE_FORMAT, "step": self.step, "seed": self.seed, "sampling": self.sampling,
-            "seq_len": self.seq_len, "global_batch": self.global_batch,
-            "num_tokens": self.num_tokens, "dataset": self.fingerprint,
-            "windows_per_chunk": self.windows_per_chunk, "align_bos": self.align_bos,
+            "seq_len": self.seq_len, "global_batch": self.global_batch, "align_bos": self.align_bos,
+            "sources": [source.state() for source in self.sources],
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue from `state`; refuses a state of another dataset, seq_len, global batch or sampling mode."""
+        """Continue from `state`; refuses a state of other datasets, seq_len, global batch or sampling mode.
+
+        A mixture state with other weights (other rows per source) is taken, with a warning: each source
+        goes on from `step` by the contract with its new rows per step (README, "Mixtures").
+        """
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
             raise ValueError(f"not a gpuload loader state (expected format {STATE_FORMAT!r}): {state!r:.200}")
         missing = [key for key in STATE_KEYS if key not in state]
         if missing:
             raise ValueError(f"gpuload loader state is missing {', '.join(missing)}; was it saved by state_dict()?")
-        for key in ("step", "seed", "seq_len", "global_batch", "num_tokens", "windows_per_chunk"):
+        for key in ("step", "seed", "seq_len", "global_batch"):
             if type(state[key]) is not int:
                 raise ValueError(f"gpuload loader state: {key} must be an integer, found {state[key]!r}")
+        saved_sources = state["sources"]
+        if (not isinstance(saved_sources, list) or not saved_sources
+                or any(not isinstance(s, dict) or set(s) != set(SOURCE_STATE_KEYS) for s in saved_sources)):
+            raise ValueError(f"gpuload loader state: sources must be a list of {{{', '.join(SOURCE_STATE_KEYS)}}}, "
+                             f"found {saved_sources!r:.200}")
+        for saved in saved_sources:
+            for key in ("num_tokens", "windows_per_chunk", "rows"):
+                if type(saved[key]) is not int:
+                    raise ValueError(f"gpuload loader state: sources[...][{key!r}] must be an integer, found "
+                                     f"{saved[key]!r}")
         checks = [
-            ("dataset", state["dataset"], self.fingerprint,
-             f"the state was saved on another dataset ({state['num_tokens']} tokens) than this one "
-             f"({self.num_tokens} tokens); pass the same shards in the same order"),
             ("seq_len", state["seq_len"], self.seq_len, "construct the loader with the saved seq_len"),
             ("global_batch", state["global_batch"], self.global_batch,
              "world_size * batch_size must equal the saved global batch (elastic resume keeps it)"),
             ("sampling", state["sampling"], self.sampling, "construct the loader with the saved sampling mode"),
             ("align_bos (the bos_token rows are aligned to, None = not aligned)", state["align_bos"],
              self.align_bos, "construct the loader with the saved align and bos_token"),
+            ("sources", [s["name"] for s in saved_sources], [s.name for s in self.sources],
+             "construct the loader with the saved sources: the same names in the same order (None = not a mixture)"),
         ]
-        if self.sampling != "sequential":  # sequential batches do not depend on the ring's chunks
-            checks.append(("ring chunking (windows_per_chunk, 0 = whole stream)", state["windows_per_chunk"],
-                           self.windows_per_chunk,
-                           "construct the loader with the saved ring_tokens: with a ring smaller than the stream, "
-                           "random and shuffle batches depend on its chunks"))
         for name, saved, current, advice in checks:
             if saved != current:
                 raise ValueError(f"cannot load loader state: {name} differs (saved {saved!r}, this loader "
                                  f"{current!r}): {advice}")
+        reweighted = []
+        for saved, source in zip(saved_sources, self.sources):
+            label = "" if source.name is None else f" of source {source.name!r}"
+            if saved["dataset"] != source.fingerprint:
+                raise ValueError(f"cannot load loader state: the dataset{label} differs: the state was saved on "
+                                 f"{saved['num_tokens']} tokens, {source.where()} holds {source.num_tokens}, or "
+                                 f"other shards; pass the same shards in the same order")
+            # Sequential batches do not depend on the ring's chunks.
+            if self.sampling != "sequential" and saved["windows_per_chunk"] != source.windows_per_chunk:
+                raise ValueError(f"cannot load loader state: the ring chunking{label} differs (windows_per_chunk "
+                                 f"saved {saved['windows_per_chunk']}, this loader {source.windows_per_chunk}; 0 = "
+                                 f"whole stream): construct the loader with the saved ring_tokens: with a ring smaller "
+                                 f"than the stream, random and shuffle batches depend on its chunks")
+            if saved["rows"] != source.rows:
+                reweighted.append(f"{source.name!r} {saved['rows']} -> {source.rows}")
         check_domain(state["step"], self.global_batch, self.num_tokens)
-        if self._ring is not None and state["seed"] != self.seed:
-            self._ring.reset(state["seed"])
+        if reweighted:
+            warnings.warn(f"gpuload: resuming a mixture with other weights (rows per global batch: "
+                          f"{', '.join(reweighted)}); from step {state['step']} on, each source reads by the contract "
+                          f"with its new rows, so sequential and shuffle sources jump to another position of their "
+                          f"epoch (README, 'Mixtures')", stacklevel=2)
+        if state["seed"] != self.seed:
+            for source in self.sources:
+                if source.ring is not None:
+                    source.ring.reset(state["seed"])
         self.seed = state["seed"]
         self.step = state["step"]
 
     def close(self) -> None:
-        """Stop the ring's filler, free the ring and release the shards (a batch in flight completes)."""
-        self._source = None
-        if self._ring is not None:
-            self._ring.close()
-            self._ring = None
-        if self.stream is not None:
-            self.stream.close()
-            self.stream = None
+        """Stop the rings' fillers, free the rings and release the shards (a batch in flight completes)."""
+        self._closed = True
+        for source in self.sources:
+            source.close()
 
     def __enter__(self):
         return self
@@ -348,8 +574,14 @@ class GPULoader:
         self.close()
 
     def __repr__(self) -> str:
-        return (f"GPULoader(B={self.batch_size}, T={self.seq_len}, sampling={self.sampling!r}, seed={self.seed}, "
-                f"rank={self.rank}/{self.world_size}, tokens={self.num_tokens}, backend={self.backend!r}, "
-                f"device={self.device}, ring={self.ring_layout.ring_tokens} tokens"
-                f"{'' if self.chunking is None else f' in chunks of {self.chunking.windows_per_chunk} windows'})")
+        def ring(source: Source) -> str:
+            chunks = "" if source.chunking is None else f" in chunks of {source.windows_per_chunk} windows"
+            return f"ring={source.layout.ring_tokens} tokens{chunks}"
 
+        if self.mixed:
+            data = "sources=[" + ", ".join(f"{s.name!r}: {s.rows} rows, {s.num_tokens} tokens, {ring(s)}"
+                                           for s in self.sources) + "]"
+        else:
+            data = f"tokens={self.num_tokens}, {ring(self.sources[0])}"
+        return (f"GPULoader(B={self.batch_size}, T={self.seq_len}, sampling={self.sampling!r}, seed={self.seed}, "
+                f"rank={self.rank}/{self.world_size}, backend={self.backend!r}, device={self.device}, {data})")

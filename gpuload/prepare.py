@@ -27,7 +27,7 @@ from gpuload.encodings import (canonical_spec, delimiter_token, file_sha256, get
                                token_dtype)
 from gpuload.machine import usable_cores
 from gpuload.progress import Progress
-from gpuload.shards import HEADER_BYTES, SHARD_SUFFIXES, _is_pattern, llmc_header, natural_key
+from gpuload.shards import HEADER_BYTES, MANIFEST, SHARD_SUFFIXES, _is_pattern, llmc_header, natural_key
 
 KINDS = {".txt": "text", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
 COMPRESSED = (".gz", ".zst", ".zstd", ".bz2", ".xz", ".lz4", ".zip")
@@ -44,7 +44,6 @@ BATCH_BYTES = 1 << 20
 MAX_DOC_BYTES = 256 << 20
 IN_FLIGHT_BYTES_PER_WORKER = 64 << 20
 UTF8_BOM = b"\xef\xbb\xbf"
-MANIFEST = "manifest.json"  # inspect reads the same name
 SHARD_NAME = re.compile(r"^(train|val)_\d{6,}\.bin$")
 STAGING_PREFIX = ".gpuload-staging-"
 OWNER = "owner.json"

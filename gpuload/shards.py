@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import json
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Union
+from typing import Iterable, Optional, Union
 
 import numpy as np
 
@@ -21,10 +22,21 @@ LLMC_FORMATS = {  # magic -> (version, token dtype)
 }
 LLMC_MAGIC_FOR_DTYPE = {np.dtype(np.uint16): 20240520, np.dtype(np.uint32): 20240801}
 SHARD_SUFFIXES = (".bin", ".npy")
+MANIFEST = "manifest.json"  # written by `gpuload prepare` beside its shards: encoding, vocabulary, counts
 NPY_DTYPES = (np.dtype(np.uint16), np.dtype(np.uint32), np.dtype(np.int32))
 
 PathLike = Union[str, os.PathLike]
 HINT = "---> HINT: is this a token shard (llm.c .bin, nanoGPT raw .bin or 1-D .npy)?"
+
+
+def load_manifest(directory: str) -> Optional[dict]:
+    """The manifest.json of `directory`, or None when there is none or it is not valid JSON."""
+    try:
+        with open(os.path.join(directory, MANIFEST)) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) else None
 
 
 class ShardError(ValueError):
@@ -307,6 +319,17 @@ class TokenStream:
         files, self._files = self._files, {}
         for f in files.values():
             f.close()
+
+    def vocabulary(self) -> Optional[tuple[str, int, str]]:
+        """(encoding name, vocabulary size, manifest path) from the `gpuload prepare` manifest beside the shards.
+
+        None when no shard directory holds a manifest (shards from elsewhere carry no vocabulary).
+        """
+        for directory in dict.fromkeys(os.path.dirname(os.path.abspath(p)) for p in self.paths):
+            manifest = load_manifest(directory)
+            if manifest is not None and "encoding_name" in manifest and "vocab_size" in manifest:
+                return manifest["encoding_name"], manifest["vocab_size"], os.path.join(directory, MANIFEST)
+        return None
 
     def fingerprint(self) -> str:
         """A short identity of the dataset: shard names, sizes, width and sampled tokens (cheap to compute)."""

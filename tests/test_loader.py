@@ -176,7 +176,7 @@ def test_numpy_integers_are_integers(make_shards):
 
 @pytest.mark.parametrize("change,match", [
     (dict(step=-1), "step"), (dict(step=2**63), "step"), (dict(step=3.7), "step must be an integer"),
-    (dict(seed="12"), "seed must be an integer"), (dict(dataset=None), "dataset"),
+    (dict(seed="12"), "seed must be an integer"), (dict(sources=None), "sources must be a list"),
 ])
 def test_resume_refuses_malformed_states(make_shards, change, match):
     ld = loader(make_shards([1000]), batch_size=2, seq_len=8)
@@ -415,7 +415,7 @@ def test_aligned_resume_and_errors(tmp_path, make_shards):
         loader(paths, batch_size=2, seq_len=32, align="bos")
     with pytest.raises(ValueError, match="sequential reads the stream in order"):
         loader(paths, batch_size=2, seq_len=32, sampling="sequential", bos_token=7, align="bos")
-    with pytest.raises(ValueError, match="needs the whole stream in the ring"):
+    with pytest.raises(ValueError, match="needs the whole stream of .* in the ring"):
         loader(make_shards([20_000]), batch_size=2, seq_len=32, bos_token=7, align="bos", ring_tokens=4096)
     with pytest.raises(ValueError, match=r"align='bos' in .*docs_0.bin"):
         loader(paths, batch_size=2, seq_len=32, bos_token=999_999, align="bos")

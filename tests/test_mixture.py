@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from gpuload import native
 from gpuload.mixture import SALT_MIXTURE, mixture_assignment, mixture_counts, mixture_rows, source_row_index
 from gpuload.sampling import mix64_int
 
@@ -182,3 +183,21 @@ def test_salts_are_distinct():
     salts = [v for module in (sampling, documents) for k, v in vars(module).items() if k.startswith("SALT_")]
     salts.append(SALT_MIXTURE)
     assert len(salts) >= 4 and len(set(salts)) == len(salts)
+
+
+@pytest.mark.skipif(not native.available(), reason="native extension not built")
+def test_native_rows_equal_the_torch_rule():
+    rng = random.Random(3)
+    for trial in range(300):
+        counts = [rng.randint(0, 40) for _ in range(rng.randint(1, 5))]
+        counts[rng.randrange(len(counts))] += 1
+        total = sum(counts)
+        row0 = rng.randrange(total)
+        count = rng.randint(1, total - row0)
+        seed, step = rng.choice([0, 7, 2**64 - 1, rng.getrandbits(64)]), rng.choice([0, 1, rng.getrandbits(40)])
+        source, index = np.empty(count, dtype=np.int64), np.empty(count, dtype=np.int64)
+        native.module().mixture_rows(seed, step, counts, row0, source, index)
+        want_source, want_index = mixture_rows(seed, step, counts, torch.arange(row0, row0 + count))
+        assert source.tolist() == want_source.tolist() and index.tolist() == want_index.tolist(), (counts, seed, step)
+    with pytest.raises(ValueError, match="row0 \\+ len"):
+        native.module().mixture_rows(0, 0, [2, 2], 3, np.empty(2, dtype=np.int64), np.empty(2, dtype=np.int64))

@@ -98,7 +98,7 @@ def test_sequential_is_the_same_whatever_the_ring(make_shards, backend, dtype):
     steps = windows_per_epoch(sum(sizes), seq_len) // B + 10  # past the end of the epoch
     whole = run(loader(paths, batch_size=B, seq_len=seq_len, sampling="sequential", backend="torch"), steps)
     small = loader(paths, batch_size=B, seq_len=seq_len, sampling="sequential", backend=backend, ring_tokens=ring)
-    assert small.chunking is not None and small.chunking.num_chunks >= 6
+    assert small.sources[0].chunking is not None and small.sources[0].chunking.num_chunks >= 6
     assert_same(run(small, steps), whole)
 
 
@@ -185,7 +185,7 @@ def test_filler_never_overwrites_a_visit_in_use(make_shards):
     for _ in range(150):
         next(ld)
         time.sleep(0.002)  # let the filler run as far ahead as it may
-        filler = ld._ring.filler
+        filler = ld.sources[0].ring.filler
         assert filler.ready - filler.low < NUM_SLOTS
 
 
@@ -226,10 +226,10 @@ def test_close_stops_the_filler_and_frees_the_ring(make_shards):
     paths = make_shards([N])
     with loader(paths, batch_size=B, seq_len=T, backend="torch", ring_tokens=SMALL_RING) as ld:
         next(ld)
-        ring = ld._ring
+        ring = ld.sources[0].ring
         thread = ring.filler.thread
         assert thread.is_alive()  # waiting for a free slot
-    assert not thread.is_alive() and ring.host is None and ld._ring is None
+    assert not thread.is_alive() and ring.host is None and ld.sources[0].ring is None
     with pytest.raises(RuntimeError, match="closed"):
         next(ld)
 
@@ -237,7 +237,7 @@ def test_close_stops_the_filler_and_frees_the_ring(make_shards):
 def test_dropping_the_loader_stops_the_filler(make_shards):
     ld = loader(make_shards([N]), batch_size=B, seq_len=T, backend="torch", ring_tokens=SMALL_RING)
     next(ld)
-    thread = ld._ring.filler.thread
+    thread = ld.sources[0].ring.filler.thread
     del ld
     thread.join(timeout=10)
     assert not thread.is_alive()

@@ -176,6 +176,13 @@ def test_native_bindings_check_their_arguments(tmp_path):
         table.window_starts(0, 0, 0, 0, 4, 8, np.empty(4, dtype=np.int32))  # no silent copy to write into
     with pytest.raises(IndexError, match="outside the stream"):
         table.gather(np.array([95], dtype=np.int64), 8, 0, False, 0)  # checked before any pointer is touched
+    one = np.array([1], dtype=np.int64)
+    with pytest.raises(IndexError, match="out row 4 outside x and y"):
+        table.gather_rows(one, 8, np.array([4], dtype=np.int64), 0, False, 0, 4)
+    with pytest.raises(IndexError, match="row 3 outside the global batch"):
+        table.sample_rows_and_gather(0, 0, 0, np.array([3], dtype=np.int64), 3, 8, one, one.copy(), 0, False, 0, 4)
+    with pytest.raises(ValueError, match="same length"):
+        table.sample_rows_and_gather(0, 0, 0, one, 3, 8, np.array([0, 1], dtype=np.int64), one.copy(), 0, False, 0, 4)
     with pytest.raises(ValueError, match="token"):
         mod.ShardTable([np.arange(10, dtype=np.float64)])
     with pytest.raises(ValueError, match="mix"):

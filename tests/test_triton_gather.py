@@ -273,7 +273,7 @@ def test_bench_kernels_quick(tmp_path, capsys):
     out = tmp_path / "kernels.json"
     result = bench.main(["--quick", "--json", str(out)])
     assert {row["provider"] for row in result["rows"]} == {"copy", "triton-random", "triton-sequential",
-                                                            "triton-shuffle", "torch-random"}
+                                                            "triton-shuffle", "triton-random-mix3", "torch-random"}
     assert json.loads(out.read_text())["rows"] == result["rows"]
     assert "of copy" in capsys.readouterr().out
 
@@ -310,3 +310,68 @@ def test_chunked_ring_matches_reference(mode, token_dtype, batch, seq_len):
                   chunking=chunking, num_slots=4, slot_tokens=slot_tokens)
         assert_batch_equal(got, (want[0].to(input_dtype), want[1], want[2]), input_dtype)
 
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("row0,batch", [(0, 11), (3, 5)])
+def test_mixture_launches_fill_their_rows_like_the_reference(mode, row0, batch):
+    """One launch per source writes exactly the rows mixture_rows gives it, each by its source's contract."""
+    from gpuload.mixture import mixture_rows
+
+    seed, seq_len, counts = 5, 9, [5, 2, 4]
+    sources = [random_tokens(n, torch.uint16, seed=k) for k, n in enumerate([3001, 700, 1500])]
+    for step in (0, 3, 2**40 + 7):
+        source, index = mixture_rows(seed, step, counts, torch.arange(row0, row0 + batch))
+        x = torch.full((batch, seq_len), -7, dtype=torch.int64, device=DEVICE)
+        y = torch.full((batch, seq_len), -7, dtype=torch.int64, device=DEVICE)
+        got_starts = torch.full((batch,), -7, dtype=torch.int64, device=DEVICE)
+        want_x, want_y = x.cpu().clone(), y.cpu().clone()
+        want_starts = got_starts.cpu().clone()
+        for k, tokens in enumerate(sources):
+            starts = torch.full((batch,), -7, dtype=torch.int64, device=DEVICE)
+            gather_batch_triton(tokens.to(DEVICE), mode, seed, step, row0, batch, counts[k], tokens.numel(), seq_len,
+                                out_x=x, out_y=y, out_starts=starts, mixture=(counts, k))
+            mine = source == k
+            got_starts[mine.to(DEVICE)] = starts[mine.to(DEVICE)]
+            assert torch.equal(starts.cpu()[~mine], torch.full(((~mine).sum(),), -7)), "wrote another source's rows"
+            want_starts[mine] = window_starts(mode, seed, step, index[mine], counts[k], tokens.numel(), seq_len)
+            windows = torch.stack([tokens[o:o + seq_len + 1].to(torch.int64) for o in want_starts[mine].tolist()])
+            want_x[mine], want_y[mine] = windows[:, :-1], windows[:, 1:]
+        assert torch.equal(got_starts.cpu(), want_starts)
+        assert torch.equal(x.cpu(), want_x) and torch.equal(y.cpu(), want_y)
+
+
+def test_mixture_source_on_a_chunked_ring_matches_reference():
+    seed, seq_len, counts, mode = 11, 7, [3, 4], "shuffle"
+    num_tokens = 20_011
+    tokens = random_tokens(num_tokens, torch.uint32, seed=9)
+    chunking = Chunking(num_tokens, seq_len, counts[1], 300)
+    slot_tokens = chunking.max_chunk_tokens + 3
+    from gpuload.mixture import mixture_rows
+
+    for step in (0, 40, 1000):
+        source, index = mixture_rows(seed, step, counts)
+        mine = source == 1
+        starts, visits = window_starts_and_visits(mode, seed, step, index[mine], counts[1], num_tokens, seq_len,
+                                                  chunking)
+        ring = torch.zeros(4 * slot_tokens, dtype=torch.uint32)
+        for visit in set(visits.tolist()):
+            chunk = chunking.visit_chunk(mode, seed, visit)
+            length = chunking.chunk_length(chunk)
+            ring[(visit % 4) * slot_tokens:][:length] = tokens[chunk * chunking.chunk_tokens:][:length]
+        x = torch.full((7, seq_len), -1, dtype=torch.int64, device=DEVICE)
+        y = torch.full((7, seq_len), -1, dtype=torch.int64, device=DEVICE)
+        gather_batch_triton(ring.to(DEVICE), mode, seed, step, 0, 7, counts[1], num_tokens, seq_len, out_x=x,
+                            out_y=y, chunking=chunking, num_slots=4, slot_tokens=slot_tokens, mixture=(counts, 1))
+        windows = torch.stack([tokens[o:o + seq_len + 1].to(torch.int64) for o in starts.tolist()])
+        assert torch.equal(x.cpu()[mine], windows[:, :-1]) and torch.equal(y.cpu()[mine], windows[:, 1:])
+        assert bool((x.cpu()[~mine] == -1).all())
+
+
+@pytest.mark.parametrize("mixture,match", [
+    (([3, 4], 2), "0 <= source < len"), (([3, 4], 0), "global_batch == counts"),
+])
+def test_mixture_arguments_are_checked(mixture, match):
+    tokens = random_tokens(100, torch.uint16).to(DEVICE)
+    with pytest.raises(ValueError, match=match):
+        gather_batch_triton(tokens, "random", 0, 0, 0, 2, 4, 100, 8, mixture=mixture)

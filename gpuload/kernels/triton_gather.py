@@ -16,10 +16,13 @@ int64 has.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import triton
 import triton.language as tl
 
+from gpuload.mixture import SALT_MIXTURE
 from gpuload.sampling import (FEISTEL_ROUNDS, MIX_C1, MIX_C2, SALT_CHUNKS, SALT_RANDOM, SALT_SHUFFLE, SAMPLING_IDS,
                               SAMPLING_MODES, Chunking, check_domain, feistel_half_bits, to_signed,
                               windows_per_epoch)
@@ -30,6 +33,7 @@ _MIX_C2 = tl.constexpr(MIX_C2)
 _SALT_RANDOM = tl.constexpr(SALT_RANDOM)
 _SALT_SHUFFLE = tl.constexpr(SALT_SHUFFLE)
 _SALT_CHUNKS = tl.constexpr(SALT_CHUNKS)
+_SALT_MIXTURE = tl.constexpr(SALT_MIXTURE)
 _FEISTEL_ROUNDS = tl.constexpr(FEISTEL_ROUNDS)
 
 # The kernel unrolls the Feistel rounds with one key per round; a new round count is a new contract.
@@ -44,6 +48,8 @@ _TOKEN_DTYPES = {torch.uint16: torch.uint16, torch.int16: torch.uint16,
 _TARGET_PROGRAMS = 1024
 _MIN_BLOCK = 16
 _MAX_BLOCK = 2048
+# Mixture rows ranked per loop iteration: 256 hashes are 2 KiB of registers per program, over 4 warps.
+_MIX_BLOCK = 256
 
 
 @triton.jit
@@ -134,6 +140,21 @@ def _window_start(seed, step, row, global_batch, num_tokens, num_windows, seq_le
     return start, visit
 
 
+@triton.jit
+def _mixture_slot(seed, step, row, mix_rows, MIX_BLOCK: tl.constexpr):
+    """slot(row) of gpuload/mixture.py: how many of the step's mix_rows row hashes are below row's own."""
+    key = _mix64(_mix64(seed ^ _SALT_MIXTURE) + step)
+    own = _mix64(key + row)
+    below = tl.zeros((MIX_BLOCK,), tl.int64)
+    others = tl.arange(0, MIX_BLOCK).to(tl.uint64)
+    # Counting instead of sorting: O(G) per program, no second launch, and a CUDA graph replays it as is.
+    for _ in range(0, mix_rows, MIX_BLOCK):
+        hashes = _mix64(key + others)
+        below += ((hashes < own) & (others < mix_rows.to(tl.uint64))).to(tl.int64)
+        others += MIX_BLOCK
+    return tl.sum(below, axis=0).to(tl.uint64)
+
+
 @triton.jit(do_not_specialize=["seed", "step", "row0", "token_offset"])
 def _gather_batch_kernel(
     tokens_ptr,
@@ -162,12 +183,16 @@ def _gather_batch_kernel(
     half_chunks: tl.int64,
     num_slots: tl.int64,
     slot_tokens: tl.int64,
+    mix_rows: tl.int64,
+    mix_first: tl.int64,
     SAMPLING: tl.constexpr,
     CHUNKED: tl.constexpr,
+    MIXED: tl.constexpr,
     STARTS_GIVEN: tl.constexpr,
     STEP_FROM_PTR: tl.constexpr,
     WRITE_STARTS: tl.constexpr,
     BLOCK: tl.constexpr,
+    MIX_BLOCK: tl.constexpr,
 ):
     # Flat 1-D grid, column blocks of a row adjacent: neighbouring programs read neighbouring tokens
     # and there is no 65535 limit on rows as there would be on grid axis 1.
@@ -180,6 +205,15 @@ def _gather_batch_kernel(
         step_u = tl.load(step_ptr).to(tl.uint64)
     else:
         step_u = step.to(tl.uint64)
+    # MIXED: this launch serves one source of a mixture, rows mix_first .. mix_first + global_batch - 1
+    # of the mixture's slots (gpuload/mixture.py); row0 + row is the row of the whole batch of mix_rows,
+    # and the row's index among the source's rows stands in for the global row of the contract.
+    source_row = (row0 + row).to(tl.uint64)
+    mine = row >= 0
+    if MIXED:
+        slot = _mixture_slot(seed.to(tl.uint64), step_u, source_row, mix_rows, MIX_BLOCK)
+        mine = (slot >= mix_first.to(tl.uint64)) & (slot < (mix_first + global_batch).to(tl.uint64))
+        source_row = tl.where(mine, slot - mix_first.to(tl.uint64), tl.zeros((), tl.uint64))
     # Scalar work per program (sm_90 PTX: 7 multiplies and one u64 remainder for random, 41 multiplies
     # for shuffle plus 12 per extra walk), redone by each column block rather than staged through
     # memory: cheaper than a second launch or a grid-wide barrier.
@@ -188,7 +222,7 @@ def _gather_batch_kernel(
         visit_u = tl.zeros((), tl.uint64)
     else:
         start_u, visit_u = _window_start(
-            seed.to(tl.uint64), step_u, (row0 + row).to(tl.uint64), global_batch.to(tl.uint64),
+            seed.to(tl.uint64), step_u, source_row, global_batch.to(tl.uint64),
             num_tokens.to(tl.uint64), num_windows.to(tl.uint64), seq_len.to(tl.uint64), feistel_half.to(tl.uint64),
             windows_per_chunk.to(tl.uint64), num_chunks.to(tl.uint64), chunk_tokens.to(tl.uint64),
             last_windows.to(tl.uint64), last_length.to(tl.uint64), steps_per_visit.to(tl.uint64),
@@ -196,7 +230,7 @@ def _gather_batch_kernel(
     # start < num_tokens < 2**63, so the int64 with the same bits is the same number.
     start = start_u.to(tl.int64, bitcast=True)
     if WRITE_STARTS:
-        tl.store(starts_ptr + row, start, mask=col_block == 0)
+        tl.store(starts_ptr + row, start, mask=(col_block == 0) & mine)
 
     # Where the window lies in `tokens`: a stretch of the stream from token_offset on, or (CHUNKED) the
     # ring slot of the row's visit, holding the chunk that contains the window (gpuload/ring.py).
@@ -208,11 +242,13 @@ def _gather_batch_kernel(
     # One scalar residency test per row, folded into the column bound so the element masks stay
     # uniform across BLOCK; a window outside the resident span is never read and comes out as -1,
     # which no token can be, instead of an illegal address.
+    # Rows of another mixture source get both bounds 0: nothing read, nothing written.
     resident = (src0 >= 0) & (src0 + seq_len + 1 <= num_resident)
-    read_limit = tl.where(resident, seq_len, 0)
+    write_limit = tl.where(mine, seq_len, 0)
+    read_limit = tl.where(resident, write_limit, 0)
 
     cols = col_block * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-    in_row = cols < seq_len
+    in_row = cols < write_limit
     readable = cols < read_limit
     src = tokens_ptr + src0 + cols
     # x and y share T of their T+1 tokens: the second load hits the lines the first brought into L1,
@@ -233,8 +269,9 @@ def _block_size(batch: int, seq_len: int) -> int:
 
 def gather_batch_forward(tokens, x, y, starts, step_tensor, mode_id, seed, step, row0, global_batch, num_tokens,
                          seq_len, token_offset, block, chunking=None, num_slots=1, slot_tokens=0,
-                         starts_given=False):
-    """Launch the kernel on validated arguments: `tokens` unsigned 1-D, `seed`/`step` as int64 bits."""
+                         starts_given=False, mixture=None):
+    """Launch the kernel on validated arguments: `tokens` unsigned 1-D, `seed`/`step` as int64 bits,
+    `mixture` None or (rows of the whole batch, first slot of this source)."""
     num_col_blocks = triton.cdiv(seq_len, block)
     num_windows = windows_per_epoch(num_tokens, seq_len)
     batch = x.shape[0]
@@ -258,12 +295,15 @@ def gather_batch_forward(tokens, x, y, starts, step_tensor, mode_id, seed, step,
         seed, step, row0, global_batch, num_tokens, num_windows, seq_len,
         feistel_half_bits(num_windows) if chunking is None else num_windows_half,
         token_offset, tokens.numel(), num_col_blocks, *chunk_args, num_slots, slot_tokens,
+        *(mixture if mixture is not None else (0, 0)),
         SAMPLING=mode_id,
         CHUNKED=chunking is not None,
+        MIXED=mixture is not None,
         STARTS_GIVEN=starts_given,
         STEP_FROM_PTR=step_tensor is not None,
         WRITE_STARTS=starts is not None and not starts_given,
         BLOCK=block,
+        MIX_BLOCK=_MIX_BLOCK,
         num_warps=num_warps,
     )
     return x, y
@@ -292,7 +332,8 @@ def gather_batch_triton(tokens: torch.Tensor, sampling: str, seed: int, step, ro
                         token_offset: int = 0, out_starts: torch.Tensor | None = None,
                         block_size: int | None = None, chunking: Chunking | None = None, num_slots: int = 1,
                         slot_tokens: int = 0, device: torch.device | None = None,
-                        starts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                        starts: torch.Tensor | None = None,
+                        mixture: tuple[Sequence[int], int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows row0 .. row0+batch-1 of the global batch at `step`, in one launch: (x (B, T), y (B, T)).
 
     `tokens` holds stream positions [token_offset, token_offset + len(tokens)) of a stream of
@@ -313,6 +354,12 @@ def gather_batch_triton(tokens: torch.Tensor, sampling: str, seed: int, step, ro
 
     `device` is where the batch goes (default: the tokens' device). A CUDA device with `tokens` in
     pinned host memory is the zero-copy case: the kernel reads the host tokens through unified addressing.
+
+    `mixture=(counts, k)` makes `tokens` source k of a mixture (gpuload/mixture.py): row0 .. row0+batch-1
+    are then rows of the whole batch of sum(counts) rows, `global_batch` must be counts[k], and only the
+    rows the step assigns to source k are written (with their index among source k's rows as the global
+    row of the contract); the other rows of out_x / out_y are left as they are, for the other sources'
+    launches to fill.
     """
     if not isinstance(tokens, torch.Tensor) or tokens.dim() != 1 or tokens.dtype not in _TOKEN_DTYPES:
         found = f"{tokens.dim()}-D {tokens.dtype}" if isinstance(tokens, torch.Tensor) else type(tokens).__name__
@@ -332,10 +379,21 @@ def gather_batch_triton(tokens: torch.Tensor, sampling: str, seed: int, step, ro
         raise ValueError(f"gather_batch_triton: unknown sampling {sampling!r}; expected one of {SAMPLING_MODES}")
     if input_dtype not in (torch.int64, torch.int32):
         raise ValueError(f"gather_batch_triton: input_dtype must be torch.int64 or torch.int32, found {input_dtype}")
-    if seq_len < 1 or batch < 1 or row0 < 0 or global_batch < row0 + batch:
+    mix_args = None
+    batch_rows = global_batch
+    if mixture is not None:
+        counts, source = mixture
+        counts = list(counts)
+        if not 0 <= source < len(counts) or any(c < 0 for c in counts) or counts[source] != global_batch:
+            raise ValueError(f"gather_batch_triton: mixture=(counts, source) needs 0 <= source < len(counts) and "
+                             f"global_batch == counts[source]; found counts={counts}, source={source}, "
+                             f"global_batch={global_batch}")
+        batch_rows = sum(counts)
+        mix_args = (batch_rows, sum(counts[:source]))
+    if seq_len < 1 or batch < 1 or row0 < 0 or batch_rows < row0 + batch:
         raise ValueError(f"gather_batch_triton: need seq_len >= 1, batch >= 1, 0 <= row0 and row0 + batch <= "
-                         f"global_batch; found seq_len={seq_len}, batch={batch}, row0={row0}, "
-                         f"global_batch={global_batch}")
+                         f"{'sum(counts)' if mixture is not None else 'global_batch'}; found seq_len={seq_len}, "
+                         f"batch={batch}, row0={row0}, rows={batch_rows}")
     if not seq_len + 1 <= num_tokens < 1 << 63:
         raise ValueError(f"gather_batch_triton: num_tokens={num_tokens} must be in [seq_len + 1, 2**63) for "
                          f"seq_len={seq_len}: a window is seq_len + 1 tokens")
@@ -359,7 +417,7 @@ def gather_batch_triton(tokens: torch.Tensor, sampling: str, seed: int, step, ro
         step_tensor, step_bits = step, 0
     else:
         step = int(step)
-        check_domain(step, global_batch, num_tokens)
+        check_domain(step, batch_rows, num_tokens)
         step_tensor, step_bits = None, step
     if block_size is None:
         block_size = _block_size(batch, seq_len)
@@ -378,7 +436,7 @@ def gather_batch_triton(tokens: torch.Tensor, sampling: str, seed: int, step, ro
     tokens = tokens.view(_TOKEN_DTYPES[tokens.dtype])
     launch = (tokens, x, y, starts, step_tensor, SAMPLING_IDS[sampling], to_signed(int(seed)), step_bits, row0,
               global_batch, num_tokens, seq_len, token_offset, block_size, chunking, num_slots, slot_tokens,
-              starts_given)
+              starts_given, mix_args)
     if device.type == "cuda":
         # Triton launches on the current device; make it the batch's one.
         with torch.cuda.device(device):
