@@ -13,7 +13,7 @@ import torch
 from gpuload import native
 from gpuload.kernels.gather import gather_reference
 from gpuload.mixture import mixture_counts, mixture_rows
-from gpuload.ring import PLACEMENTS, Ring, RingLayout, default_ring_bytes, plan_ring
+from gpuload.ring import PLACEMENTS, Ring, RingLayout, default_ring_bytes, plan_ring, smallest_chunked_ring
 from gpuload.sampling import MASK64, SAMPLING_IDS, SAMPLING_MODES, check_domain, window_starts_and_visits
 from gpuload.shards import TokenStream
 
@@ -21,6 +21,16 @@ BACKENDS = ("auto", "torch", "native", "triton")
 STATE_FORMAT = "gpuload.loader/2"
 STATE_KEYS = ("format", "step", "seed", "sampling", "seq_len", "global_batch", "align_bos", "sources")
 SOURCE_STATE_KEYS = ("name", "dataset", "num_tokens", "windows_per_chunk", "rows")
+STATE_FORMAT_1 = "gpuload.loader/1"  # before mixtures: one dataset, its fields at the top level
+
+
+def _state_from_format_1(state: dict) -> dict:
+    """A format-1 state as the one-source state of format 2 (a malformed one stays malformed, for the checks)."""
+    old_keys = ("num_tokens", "dataset", "windows_per_chunk")
+    source = {"name": None, **{key: state[key] for key in old_keys if key in state},
+              "rows": state.get("global_batch")}
+    rest = {key: value for key, value in state.items() if key not in old_keys}
+    return {**rest, "format": STATE_FORMAT, "sources": [source]}
 
 
 def _env_int(name: str) -> Optional[int]:
@@ -110,10 +120,10 @@ class Source:
                 "windows_per_chunk": self.windows_per_chunk, "rows": self.rows}
 
     def close(self) -> None:
-        if self.ring is not None:
-            self.ring.close()
-            self.ring = None
-        self.table = None
+        # Detached before closing, so a next() starting meanwhile finds no ring rather than a closing one.
+        ring, self.ring, self.table = self.ring, None, None
+        if ring is not None:
+            ring.close()
         self.stream.close()
 
 
@@ -268,15 +278,33 @@ class GPULoader:
     def _plan_rings(self, ring_tokens: Optional[int]) -> None:
         itemsize = self.sources[0].stream.dtype.itemsize
         budget = default_ring_bytes() // itemsize if ring_tokens is None else ring_tokens
-        shares = ring_budgets([source.num_tokens for source in self.sources], budget)
+        sizes = [source.num_tokens for source in self.sources]
+        shares = ring_budgets(sizes, budget)
+        if self.mixed:
+            # A source fits when its share holds it whole or holds a chunked ring; shares grow with the budget.
+            needs = [min(size, smallest_chunked_ring(itemsize, self.seq_len, source.rows))
+                     for size, source in zip(sizes, self.sources)]
+            if any(share < need for share, need in zip(shares, needs)):
+                low, high = budget, sum(sizes)
+                while low < high:
+                    middle = (low + high) // 2
+                    if all(s >= n for s, n in zip(ring_budgets(sizes, middle), needs)):
+                        high = middle
+                    else:
+                        low = middle + 1
+                short = ", ".join(f"{source.name!r} gets {share} and needs {need}" for source, share, need
+                                  in zip(self.sources, shares, needs) if share < need)
+                given = f"ring_tokens={ring_tokens}" if ring_tokens is not None else \
+                    f"the default ring budget ({budget} tokens, gpuload.ring.default_ring_bytes())"
+                rows = ", ".join(f"{source.name!r} {source.rows}" for source in self.sources)
+                raise ValueError(
+                    f"{given} is too small for this mixture: it is shared among the sources (one smaller than its "
+                    f"even share is held whole, the others split the rest), and {short}; a source needs its whole "
+                    f"stream or, if fewer, 4 page-aligned slots that each hold one global batch of its rows "
+                    f"({rows} rows per step) at seq_len {self.seq_len}. "
+                    f"Pass ring_tokens >= {low}.")
         for source, share in zip(self.sources, shares):
-            try:
-                source.layout = plan_ring(source.num_tokens, itemsize, self.seq_len, source.rows, share)
-            except ValueError as e:
-                if source.name is None:
-                    raise
-                raise ValueError(f"{source.where()}, {share} of the {budget} ring tokens, with {source.rows} rows "
-                                 f"per step: {e}") from None
+            source.layout = plan_ring(source.num_tokens, itemsize, self.seq_len, source.rows, share)
             check_domain(0, source.rows, source.num_tokens)
 
     def _choose_backend(self, backend: str) -> str:
@@ -349,7 +377,7 @@ class GPULoader:
         """(source, index) of each of this rank's rows at `step` (int64, CPU): the row's source in
         `self.sources` and its row among that source's c_k rows (the global row of its contract)."""
         if not self.mixed:
-            return torch.zeros_like(self._rows), self._rows
+            return torch.zeros_like(self._rows), self._rows.clone()
         return mixture_rows(self.seed, step, self.counts, self._rows)
 
     def _source_starts(self, source: Source, step: int, index: torch.Tensor):
@@ -373,14 +401,17 @@ class GPULoader:
         return starts
 
     def _produce(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._closed:
+        # What each source is read through, taken once: close() may clear them from another thread meanwhile
+        # (a ring closed under a running next() raises there; a shard table stays valid while in use).
+        readers = [source.table if self.backend == "native" else source.ring for source in self.sources]
+        if self._closed or any(reader is None for reader in readers):
             raise RuntimeError("the loader is closed; create a new GPULoader (and load_state_dict) to go on")
         check_domain(step, self.global_batch, self.num_tokens)
         if self.backend == "native":
-            return self._produce_native(step)
+            return self._produce_native(step, readers)
         if self.backend == "triton":
-            return self._produce_triton(step)
-        return self._produce_torch(step)
+            return self._produce_triton(step, readers)
+        return self._produce_torch(step, readers)
 
     def _outputs(self, device: torch.device, pin: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         shape = (self.batch_size, self.seq_len)
@@ -395,15 +426,12 @@ class GPULoader:
             return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         return x, y
 
-    def _produce_native(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _produce_native(self, step: int, tables: list) -> tuple[torch.Tensor, torch.Tensor]:
         T, int32 = self.seq_len, self.input_dtype == torch.int32
         # Pinned host memory lets the device copy run asynchronously.
         x, y = self._outputs(torch.device("cpu"), pin=self.device.type == "cuda")
         if not self.mixed:
-            source = self.sources[0]
-            table = source.table  # read once: close() may clear it from another thread meanwhile
-            if table is None:
-                raise RuntimeError("the loader is closed; create a new GPULoader (and load_state_dict) to go on")
+            source, table = self.sources[0], tables[0]
             if source.doc_starts is None:
                 table.sample_and_gather(SAMPLING_IDS[self.sampling], self.seed & MASK64, step,
                                         self.rank * self.batch_size, self.global_batch, T, self._starts,
@@ -416,10 +444,7 @@ class GPULoader:
         # their gather straight into the batch rows they belong to.
         native.module().mixture_rows(self.seed & MASK64, step, self.counts, self.rank * self.batch_size,
                                      self._which, self._index)
-        for k, source in enumerate(self.sources):
-            table = source.table
-            if table is None:
-                raise RuntimeError("the loader is closed; create a new GPULoader (and load_state_dict) to go on")
+        for k, (source, table) in enumerate(zip(self.sources, tables)):
             rows = np.flatnonzero(self._which == k)
             if rows.size == 0:
                 continue
@@ -433,19 +458,13 @@ class GPULoader:
                 table.gather_rows(starts, T, rows, x.data_ptr(), int32, y.data_ptr(), self.batch_size)
         return self._to_device(x, y)
 
-    def _acquire(self, source: Source, step: int) -> tuple[Ring, torch.Tensor]:
-        ring = source.ring  # read once: close() may clear it from another thread meanwhile
-        if ring is None:
-            raise RuntimeError("the loader is closed; create a new GPULoader (and load_state_dict) to go on")
-        return ring, ring.acquire(step)
-
-    def _produce_triton(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _produce_triton(self, step: int, rings: list[Ring]) -> tuple[torch.Tensor, torch.Tensor]:
         from gpuload.kernels.triton_gather import gather_batch_triton
 
         x, y = self._out if self._out is not None else self._outputs(self.device)
         which, index = self.row_sources(step) if any(s.doc_starts is not None for s in self.sources) else (None, None)
-        for k, source in enumerate(self.sources):
-            ring, tokens = self._acquire(source, step)
+        for k, (source, ring) in enumerate(zip(self.sources, rings)):
+            tokens = ring.acquire(step)
             given = None
             if source.doc_starts is not None:  # align='bos': starts drawn among document starts, on the host
                 mine = which == k
@@ -462,11 +481,11 @@ class GPULoader:
             ring.release(step)
         return x, y
 
-    def _produce_torch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _produce_torch(self, step: int, rings: list[Ring]) -> tuple[torch.Tensor, torch.Tensor]:
         which, index = self.row_sources(step)
         parts = []
-        for k, source in enumerate(self.sources):
-            ring, tokens = self._acquire(source, step)
+        for k, (source, ring) in enumerate(zip(self.sources, rings)):
+            tokens = ring.acquire(step)
             rows = torch.nonzero(which == k).flatten() if self.mixed else None
             if rows is None or rows.numel():
                 starts, visits = self._source_starts(source, step, index if rows is None else index[rows])
@@ -501,6 +520,8 @@ class GPULoader:
         A mixture state with other weights (other rows per source) is taken, with a warning: each source
         goes on from `step` by the contract with its new rows per step (README, "Mixtures").
         """
+        if isinstance(state, dict) and state.get("format") == STATE_FORMAT_1:
+            state = _state_from_format_1(state)
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
             raise ValueError(f"not a gpuload loader state (expected format {STATE_FORMAT!r}): {state!r:.200}")
         missing = [key for key in STATE_KEYS if key not in state]
@@ -514,11 +535,16 @@ class GPULoader:
                 or any(not isinstance(s, dict) or set(s) != set(SOURCE_STATE_KEYS) for s in saved_sources)):
             raise ValueError(f"gpuload loader state: sources must be a list of {{{', '.join(SOURCE_STATE_KEYS)}}}, "
                              f"found {saved_sources!r:.200}")
-        for saved in saved_sources:
+        for i, saved in enumerate(saved_sources):
             for key in ("num_tokens", "windows_per_chunk", "rows"):
                 if type(saved[key]) is not int:
-                    raise ValueError(f"gpuload loader state: sources[...][{key!r}] must be an integer, found "
+                    raise ValueError(f"gpuload loader state: sources[{i}][{key!r}] must be an integer, found "
                                      f"{saved[key]!r}")
+            if saved["rows"] < 1:
+                raise ValueError(f"gpuload loader state: sources[{i}]['rows'] must be >= 1, found {saved['rows']}")
+        if sum(saved["rows"] for saved in saved_sources) != state["global_batch"]:
+            raise ValueError(f"gpuload loader state: the sources' rows {[s['rows'] for s in saved_sources]} do not "
+                             f"sum to the global batch {state['global_batch']}; was it saved by state_dict()?")
         checks = [
             ("seq_len", state["seq_len"], self.seq_len, "construct the loader with the saved seq_len"),
             ("global_batch", state["global_batch"], self.global_batch,
@@ -553,7 +579,7 @@ class GPULoader:
             warnings.warn(f"gpuload: resuming a mixture with other weights (rows per global batch: "
                           f"{', '.join(reweighted)}); from step {state['step']} on, each source reads by the contract "
                           f"with its new rows, so sequential and shuffle sources jump to another position of their "
-                          f"epoch (README, 'Mixtures')", stacklevel=2)
+                          f"epoch, and random sources on a chunked ring to another chunk (README, 'Mixtures')", stacklevel=2)
         if state["seed"] != self.seed:
             for source in self.sources:
                 if source.ring is not None:

@@ -67,6 +67,12 @@ class RingLayout:
         return self.num_slots * self.slot_tokens
 
 
+def smallest_chunked_ring(itemsize: int, seq_len: int, global_batch: int) -> int:
+    """The fewest ring tokens whose page-aligned slots each hold one global batch of windows (plus a token)."""
+    page = PAGE_BYTES // itemsize
+    return NUM_SLOTS * (-(-((global_batch + 1) * seq_len) // page) * page)
+
+
 def plan_ring(num_tokens: int, itemsize: int, seq_len: int, global_batch: int,
               ring_tokens: Optional[int] = None) -> RingLayout:
     """The layout for a stream of `num_tokens`; `ring_tokens` None = the whole stream within the default budget."""
@@ -79,7 +85,7 @@ def plan_ring(num_tokens: int, itemsize: int, seq_len: int, global_batch: int,
     slot = ring_tokens // NUM_SLOTS // page * page
     windows_per_chunk = (slot - seq_len) // seq_len if slot > seq_len else 0
     if windows_per_chunk < global_batch:
-        need = NUM_SLOTS * (-(-((global_batch + 1) * seq_len) // page) * page)
+        need = smallest_chunked_ring(itemsize, seq_len, global_batch)
         raise ValueError(
             f"ring_tokens={ring_tokens} is too small for global batch {global_batch} x seq_len {seq_len}: each of the "
             f"ring's {NUM_SLOTS} slots must hold one global batch of windows, so ring_tokens must be at least {need} "
@@ -238,6 +244,8 @@ class Ring:
         self.slot_read: list = [None] * layout.num_slots
         self.slot_copied: list = [None] * layout.num_slots
         self.filler: Optional[_Filler] = None
+        self.closed = False
+        self._lifecycle = threading.Lock()  # no filler starts once close() has begun
 
     @property
     def tokens(self) -> torch.Tensor:
@@ -254,8 +262,7 @@ class Ring:
         filler = self.filler
         # A jump backwards (resume) or far ahead restarts the fill at the step's first visit.
         if filler is None or first < filler.low or first > max(filler.ready, filler.low) + self.layout.num_slots:
-            self._restart(first)
-            filler = self.filler
+            filler = self._restart(first)
         filler.release_below(first)
         filler.wait_ready(last, f"the tokens of step {step}")
         if self.device_ring is not None:
@@ -263,13 +270,16 @@ class Ring:
                 # The whole stream is on the device for good: free its pinned staging copy.
                 self.slot_copied[0].synchronize()
                 self.host = filler.host = None
-                return self.tokens
-            current = torch.cuda.current_stream(self.device)
-            for visit in range(first, last + 1):
-                copied = self.slot_copied[visit % self.layout.num_slots]
-                if copied is not None:
-                    current.wait_event(copied)
-        return self.tokens
+            else:
+                current = torch.cuda.current_stream(self.device)
+                for visit in range(first, last + 1):
+                    copied = self.slot_copied[visit % self.layout.num_slots]
+                    if copied is not None:
+                        current.wait_event(copied)
+        tokens = self.tokens
+        if tokens is None:
+            raise RuntimeError("the loader was closed while next() ran; create a new GPULoader to go on")
+        return tokens
 
     def release(self, step: int) -> None:
         """Mark the slots of `step` as read by the work just queued on the current stream (CUDA)."""
@@ -288,10 +298,14 @@ class Ring:
             return starts
         return (visits % self.layout.num_slots) * self.layout.slot_tokens + starts % chunking.chunk_tokens
 
-    def _restart(self, first_visit: int) -> None:
-        if self.filler is not None:
-            self.filler.stop()
-        self.filler = _Filler(self, first_visit)
+    def _restart(self, first_visit: int) -> _Filler:
+        with self._lifecycle:
+            if self.closed:
+                raise RuntimeError("the loader was closed while next() ran; create a new GPULoader to go on")
+            if self.filler is not None:
+                self.filler.stop()
+            self.filler = _Filler(self, first_visit)
+            return self.filler
 
     def reset(self, seed: int) -> None:
         """Take another seed (a resume): it reorders the chunks, so a chunked ring refills at the next acquire."""
@@ -302,6 +316,8 @@ class Ring:
 
     def close(self) -> None:
         """Stop the filler and free the ring (pinned memory included) once queued gathers are done."""
+        with self._lifecycle:
+            self.closed = True
         if self.filler is not None:
             self.filler.stop()
             self.filler = None

@@ -59,7 +59,7 @@ def test_rows_follow_their_sources_contract_on_every_backend(make_sources, backe
     lds = [loader(paths, weights=weights, batch_size=B, seq_len=T, sampling=mode, seed=3, rank=r, world_size=world,
                   backend=backend, ring_tokens=ring_tokens) for r in range(world)]
     assert [s.rows for s in lds[0].sources] == mixture_counts(weights, B * world) == [5, 2, 3]
-    if ring_tokens is not None and backend != "native":
+    if ring_tokens is not None:
         assert lds[0].sources[0].chunking is not None and lds[0].sources[1].chunking is None
     for step in [0, 1, 2, 3, 700, 701]:
         for r, ld in enumerate(lds):
@@ -179,7 +179,8 @@ def test_sources_must_share_width_and_vocabulary(make_sources, tmp_path):
     ("mixture", dict(weights={"a": 1, "b": 0}), "must be positive"),
     ("mixture", dict(weights={"a": 1000, "b": 1}), r"source\(s\) \['b'\] get 0 of the 4 rows"),
     ("mixture", dict(weights={"a": 1, "b": 1}, loop=False, sampling="sequential"), "evaluate each source"),
-    ("mixture", dict(weights={"a": 1, "b": 1}, ring_tokens=4096), "source 'a' .* too small"),
+    ("mixture", dict(weights={"a": 1, "b": 1}, ring_tokens=4096),
+     r"ring_tokens=4096 is too small for this mixture: .* 'a' gets 2096 and needs 3000; .* ring_tokens >= 5000"),
     ("single", dict(weights={"a": 1}), "weights= is for a mixture"),
     ("unnamed", dict(weights={1: 1}), "names must be non-empty strings"),
 ])
@@ -195,3 +196,53 @@ def test_ring_budget_holds_small_sources_whole_and_splits_the_rest():
     assert ring_budgets([100, 200], 1000) == [100, 200]
     assert ring_budgets([500], 300) == [300]
     assert sum(ring_budgets([7, 3000, 50, 900], 2000)) <= 2000
+
+
+@pytest.mark.parametrize("change,match", [
+    (lambda s: s["sources"][0].update(rows=-5), r"sources\[0\]\['rows'\] must be >= 1"),
+    (lambda s: s["sources"][1].update(rows=7), r"rows \[2, 7\] do not sum to the global batch 4"),
+    (lambda s: s["sources"][1].update(num_tokens="2000"), r"sources\[1\]\['num_tokens'\] must be an integer"),
+    (lambda s: (s["sources"].pop(), s["sources"][0].update(rows=4)), r"sources differs \(saved \['a'\]"),
+])
+def test_malformed_mixture_states_are_refused_and_change_nothing(make_sources, change, match):
+    paths = make_sources({"a": [3000], "b": [2000]})
+    ld = loader(paths, weights={"a": 1, "b": 1}, batch_size=4, seq_len=8)
+    state = ld.state_dict()
+    state["step"] = 9
+    change(state)
+    with pytest.raises(ValueError, match=match):
+        ld.load_state_dict(state)
+    assert ld.step == 0
+
+
+def test_states_saved_before_mixtures_still_load(make_shards):
+    paths = make_shards([3000])
+    ld = loader(paths, batch_size=4, seq_len=8, sampling="shuffle", seed=2)
+    source = ld.state_dict()["sources"][0]
+    old = {"format": "gpuload.loader/1", "step": 5, "seed": 3, "sampling": "shuffle", "seq_len": 8, "global_batch": 4,
+           "num_tokens": source["num_tokens"], "dataset": source["dataset"], "windows_per_chunk": 0, "align_bos": None}
+    ld.load_state_dict(old)
+    fresh = loader(paths, batch_size=4, seq_len=8, sampling="shuffle", seed=3)
+    fresh.load_state_dict({**fresh.state_dict(), "step": 5})
+    assert (ld.step, ld.seed) == (5, 3)
+    assert_same(batches(ld, 2), batches(fresh, 2))
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "native"])
+def test_close_between_two_sources_raises_closed_not_a_crash(make_sources, backend):
+    # Simulates close() from another thread landing while next() is between the sources' rings.
+    paths = make_sources({"a": [3000], "b": [2000]})
+    ld = loader(paths, weights={"a": 1, "b": 1}, batch_size=4, seq_len=8, backend=backend)
+    second = ld.sources[1].ring
+    acquire = second.acquire
+
+    def close_first(step):
+        ld.close()
+        return acquire(step)
+
+    second.acquire = close_first
+    with pytest.raises(RuntimeError, match="closed"):
+        next(ld)
+    assert second.filler is None and second.closed
+    with pytest.raises(RuntimeError, match="the loader is closed"):
+        next(ld)

@@ -1,4 +1,5 @@
-"""Triton gather: one launch builds a rank's whole (B, T) batch, window starts computed in the kernel.
+"""Triton gather: one launch builds a rank's whole (B, T) batch (one per source of a mixture), window
+starts computed in the kernel.
 
 Each program owns one row's column block: it computes the row's window start from (seed, step, global
 row) with exactly the arithmetic of `gpuload/sampling.py` (ported line for line from its docstring;
