@@ -5,12 +5,14 @@
 #include <pybind11/stl.h>
 
 #include <cstdint>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
 #include "fault.h"
 #include "gather.h"
+#include "sampling.h"
 
 namespace py = pybind11;
 using gpuload::Sampling;
@@ -154,6 +156,42 @@ PYBIND11_MODULE(_native, m) {
         py::arg("index").noconvert(),
         "gpuload.mixture.mixture_rows for rows row0 .. row0+len(source)-1: each row's source and its index "
         "among that source's rows, into `source` and `index`.");
+
+  m.def("aligned_starts",
+        [](int mode, uint64_t seed, uint64_t step, Int64Array rows, int64_t global_batch, Int64Array doc_starts,
+           std::optional<Int64Array> table, uint64_t pass0, int64_t pos0, uint64_t num_visited, Int64Array out) {
+          if (mode != 0 && mode != 1) throw std::invalid_argument("align='bos' needs mode 0 (random) or 1 (shuffle)");
+          const int64_t count = rows.size(), num_starts = doc_starts.size();
+          if (out.size() != count || num_starts < 1 || global_batch < 1)
+            throw std::invalid_argument("need len(out) == len(rows), a non-empty doc_starts and global_batch >= 1");
+          for (int64_t b = 0; b < count; ++b)
+            if (rows.data()[b] < 0 || rows.data()[b] >= global_batch)
+              throw std::out_of_range("row " + std::to_string(rows.data()[b]) + " outside the global batch");
+          gpuload::AlignedTable t;
+          if (table) {
+            if (table->ndim() != 2 || table->shape(0) != 4 || table->shape(1) < 2 || pos0 < 0 || pos0 >= table->shape(1) - 1)
+              throw std::invalid_argument("table must be AlignedChunking.pass_table (4 rows) and pos0 inside it");
+            t = {table->data(), table->shape(1), pass0, num_visited, pos0};
+            // Every row of the step lies in the table's two passes: [pass0 * D, (pass0 + 2) * D).
+            const uint64_t first_row = step * global_batch - pass0 * num_starts;
+            if (t.data[pos0] > static_cast<int64_t>(first_row) || t.data[t.len - 1] != 2 * num_starts ||
+                first_row + global_batch > static_cast<uint64_t>(2 * num_starts))
+              throw std::invalid_argument("the pass table does not cover this step's rows: pass0/pos0 mismatch");
+          }
+          const int64_t* r = rows.data();
+          const int64_t* starts = doc_starts.data();
+          int64_t* dst = out.mutable_data();
+          py::gil_scoped_release release;
+          for (int64_t b = 0; b < count; ++b)
+            dst[b] = starts[gpuload::aligned_start_index(static_cast<Sampling>(mode), seed, step, r[b], global_batch,
+                                                         num_starts, t)];
+        },
+        py::arg("mode"), py::arg("seed"), py::arg("step"), py::arg("rows").noconvert(), py::arg("global_batch"),
+        py::arg("doc_starts").noconvert(), py::arg("table").noconvert(), py::arg("pass0"), py::arg("pos0"),
+        py::arg("num_visited"), py::arg("out").noconvert(),
+        "gpuload.documents.aligned_window_starts for global rows `rows` into `out`: table None for the "
+        "whole-stream rule, else AlignedChunking.pass_table(seed, pass0) with pos0 the position of the step's "
+        "first row.");
 
   py::class_<BoundTable>(m, "ShardTable")
       .def(py::init(&make_table), py::arg("arrays"), py::arg("names") = std::vector<std::string>{},

@@ -13,6 +13,7 @@ constexpr uint64_t kSaltRandom = 0x243F6A8885A308D3ull;
 constexpr uint64_t kSaltShuffle = 0x13198A2E03707344ull;
 constexpr uint64_t kSaltChunks = 0xA4093822299F31D0ull;
 constexpr uint64_t kSaltMixture = 0xBE5466CF34E90C6Cull;
+constexpr uint64_t kSaltAlignedRandom = 0x452821E638D01377ull;
 constexpr int kFeistelRounds = 6;
 
 enum class Sampling : int { kRandom = 0, kShuffle = 1, kSequential = 2 };
@@ -98,6 +99,35 @@ inline uint64_t window_start(Sampling mode, uint64_t seed, uint64_t step, uint64
   const uint64_t windows = chunk == c.num_chunks - 1 ? c.last_windows : c.windows_per_chunk;
   const uint64_t within = feistel_permute(index - pos * c.windows_per_chunk, epoch * c.num_chunks + pos, seed, windows);
   return (chunk * c.windows_per_chunk + within) * seq_len;
+}
+
+// align='bos' (gpuload/documents.py): where global row `row` of `step` reads in the usable document
+// starts U (D of them). Without a pass table, the whole-stream rule; with one, the chunked rule: the
+// table is documents.AlignedChunking.pass_table(seed, pass0), 4 rows of `len` int64 values (cum, P_j,
+// D_j, Feistel half width by position over passes pass0 and pass0 + 1), and pos0 the position of the
+// step's first row, from which each row scans forward to its own (the Triton kernel does the same).
+struct AlignedTable {
+  const int64_t* data = nullptr;
+  int64_t len = 0;
+  uint64_t pass0 = 0, num_visited = 0;
+  int64_t pos0 = 0;
+};
+
+inline uint64_t aligned_start_index(Sampling mode, uint64_t seed, uint64_t step, uint64_t row, uint64_t global_batch,
+                                    uint64_t num_starts, const AlignedTable& t = AlignedTable()) {
+  const uint64_t w = step * global_batch + row;
+  const uint64_t h = mix64(mix64(mix64(seed ^ kSaltAlignedRandom) + step) + row);
+  if (t.data == nullptr) {
+    if (mode == Sampling::kRandom) return (h >> 1) % num_starts;
+    return feistel_permute(w % num_starts, w / num_starts, seed, num_starts);
+  }
+  const uint64_t lin = w - t.pass0 * num_starts;
+  int64_t pos = t.pos0;
+  while (static_cast<uint64_t>(t.data[pos + 1]) <= lin) ++pos;
+  const uint64_t first = t.data[t.len + pos], count = t.data[2 * t.len + pos];
+  if (mode == Sampling::kRandom) return first + (h >> 1) % count;
+  const uint64_t visit = t.pass0 * t.num_visited + static_cast<uint64_t>(pos);
+  return first + feistel_permute(lin - static_cast<uint64_t>(t.data[pos]), visit, seed, count);
 }
 
 // Mixture slots (gpuload/mixture.py): slots[b] is the rank of row0 + b's hash mix64(key + g) among

@@ -5,15 +5,29 @@ whatever device its tensors are on; `gpuload/kernels/triton_docs.py` computes th
 kernel launches and is held to `doc_info_reference` with `torch.equal`.
 
 BOS-aligned sampling (`align="bos"`): a row's window starts at a document start `p` that leaves room
-for a whole window, `p + T + 1 <= N` (the usable starts, a prefix of the sorted index). A document
-shorter than T simply continues into the next one: the window is the T + 1 stream tokens from `p`,
-whatever boundaries they cross. Window starts stay pure functions of (seed, step, global row):
-    random:  h = mix64(mix64(mix64(seed ^ SALT_ALIGNED_RANDOM) + step) + g)
-             o = starts[(h >> 1) mod D]                  uniform over the D usable starts
-    shuffle: w = step*G + g,  e = w // D,  o = starts[perm(seed, e)(w mod D)]
-             every usable start exactly once per epoch; perm is sampling.feistel_permute over [0, D)
-(arithmetic modulo 2**64, `>>` logical, as in gpuload/sampling.py). Sequential sampling already reads
-the stream in order and has no aligned form.
+for a whole window, `p + T + 1 <= N` (the usable starts U, a prefix of the sorted index, D of them). A
+document shorter than T simply continues into the next one: the window is the T + 1 stream tokens from
+`p`, whatever boundaries they cross. Window starts stay pure functions of (seed, step, global row):
+    h = mix64(mix64(mix64(seed ^ SALT_ALIGNED_RANDOM) + step) + g),   w = step*G + g
+    random:  o = U[(h >> 1) mod D]                       uniform over the D usable starts
+    shuffle: e = w // D,  o = U[perm(seed, e)(w mod D)]  every usable start exactly once per epoch
+(arithmetic modulo 2**64, `>>` logical, perm = sampling.feistel_permute, as in gpuload/sampling.py).
+Sequential sampling already reads the stream in order and has no aligned form.
+
+With a ring smaller than the stream (`AlignedChunking`), chunk j of the ring's `sampling.Chunking` owns
+the usable starts in [j*C, (j+1)*C) (the last chunk: to the end of the stream), D_j of them from index
+P_j of U, and its ring slot holds the C + T tokens from j*C, so each of those windows is whole and every
+usable start belongs to exactly one chunk. Chunks with D_j = 0 are never visited; the others, E (K_E of
+them), are visited once per pass of D rows:
+    e = w // D, i = w mod D; pass e visits E[perm(seed ^ SALT_CHUNKS, e)(q)] for q = 0 .. K_E-1, the
+    chunk at position q taking the D_j rows from cum_e(q) = the D_j of positions < q;
+    q: cum_e(q) <= i < cum_e(q+1),  j = its chunk,  r = i - cum_e(q),  visit v = e*K_E + q
+    random:  o = U[P_j + (h >> 1) mod D_j]               uniform within the visit's chunk
+    shuffle: o = U[P_j + perm(seed, v)(r) over D_j]      every usable start exactly once per pass
+so in each pass chunk j serves exactly D_j rows: shuffle takes every start once, random draws each
+start once on average, as with the whole stream. With K_E = 1 both reduce to the whole-stream rules.
+The rows of a step span the visits from that of w = step*G to that of step*G + G - 1; the ring
+holds at most 4 (the construction refuses chunks so sparse in documents that a step could span more).
 
 Doc info for a batch x (B, T): a segment starts at each row start and at each `bos_token` (a bos in
 column 0 starts the row's first segment, not an empty one). `position_ids[b, t]` counts from 0 at the
@@ -24,12 +38,16 @@ cross rows, so `max_seqlen == position_ids.max() + 1`.
 
 from __future__ import annotations
 
+import bisect
+import itertools
+import threading
 from typing import NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
-from gpuload.sampling import check_domain, feistel_permute, mix64, mix64_int, to_signed
+from gpuload.sampling import (SALT_CHUNKS, Chunking, check_domain, feistel_half_bits, feistel_permute, mix64,
+                              mix64_int, to_signed)
 
 SALT_ALIGNED_RANDOM = 0x452821E638D01377  # more digits of pi, unlike every other salt: fixed forever
 ALIGNED_MODES = ("random", "shuffle")
@@ -147,39 +165,200 @@ def usable_document_starts(doc_starts: torch.Tensor, num_tokens: int, seq_len: i
     return doc_starts[:count]
 
 
-def aligned_random_starts(seed: int, step: int, rows: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
-    """Window starts drawn uniformly among the usable document `starts` for global rows `rows` at `step`."""
+def _aligned_hash(seed: int, step: int, rows: torch.Tensor) -> torch.Tensor:
+    """(h >> 1) of the aligned rules for global rows `rows` at `step`: a non-negative int64."""
     base = mix64_int(mix64_int(seed ^ SALT_ALIGNED_RANDOM) + step)
-    h = mix64(rows.to(torch.int64) + to_signed(base))
-    index = (h >> 1) & ((1 << 63) - 1)  # logical shift: torch's >> on int64 is arithmetic
-    return starts[index % starts.numel()]
+    h = mix64(rows + to_signed(base))
+    return (h >> 1) & ((1 << 63) - 1)  # logical shift: torch's >> on int64 is arithmetic
 
 
-def aligned_shuffle_starts(seed: int, step: int, rows: torch.Tensor, global_batch: int,
-                           starts: torch.Tensor) -> torch.Tensor:
-    """Window starts taking each usable document start exactly once per epoch of D = len(starts) rows."""
-    num_starts = starts.numel()
-    w = rows.to(torch.int64) + step * global_batch
-    return starts[feistel_permute(w % num_starts, w // num_starts, seed, num_starts)]
+class AlignedChunking:
+    """align='bos' on a ring smaller than the stream: the usable document starts grouped by the ring's chunks.
+
+    Built once from `chunking` (gpuload.sampling.Chunking) and the usable starts (any device; only
+    K + 1 counts come to the host). Holds the per-chunk counts and, per pass, the chunk order and
+    cumulative rows (the module docstring's cum_e), cached for the passes in use. Everything a step
+    needs on the host (its ring visits, the kernel's pass table) is O(log K) from there.
+    """
+
+    def __init__(self, chunking: Chunking, starts: torch.Tensor, max_step_visits: int):
+        K, C = chunking.num_chunks, chunking.chunk_tokens
+        bounds = torch.arange(K + 1, dtype=torch.int64, device=starts.device) * C
+        first = torch.searchsorted(starts, bounds).tolist()
+        first[K] = starts.numel()
+        self.chunking = chunking
+        self.num_starts = starts.numel()
+        self.first = first[:K]                                   # P_j
+        self.counts = [first[j + 1] - first[j] for j in range(K)]  # D_j
+        self.nonempty = [j for j in range(K) if self.counts[j]]  # E
+        self._passes: dict = {}
+        self._tables: dict = {}
+        self._lock = threading.Lock()
+        self._check_step_span(max_step_visits)
+
+    def _check_step_span(self, max_step_visits: int) -> None:
+        G, D = self.chunking.global_batch, self.num_starts
+        if G > D:
+            raise ValueError(f"align='bos' on a ring smaller than the stream needs at least one global batch of usable "
+                             f"document starts, found {D} for a global batch of {G}: pass ring_tokens >= "
+                             f"{self.chunking.num_tokens} to hold the whole stream, or lower the batch")
+        # The rows of a step cover the end of one visit, whole visits in between, and the start of another;
+        # a step reaches at most two passes, so each chunk can be in between twice. Worst case: the smallest.
+        room, between, sparse = G - 2, 0, []
+        for count, j in sorted((self.counts[j], j) for j in self.nonempty for _ in range(2)):
+            if count > room:
+                break
+            room -= count
+            between += 1
+            sparse.append(j)
+        if between + 2 > max_step_visits:
+            chunks = sorted(set(sparse))
+            raise ValueError(
+                f"align='bos' on a ring smaller than the stream: chunk(s) {chunks} of "
+                f"{self.chunking.chunk_tokens} tokens hold only {[self.counts[j] for j in chunks]} usable document "
+                f"starts, so the {G} rows of one step could read {between + 2} chunks, more than the ring's "
+                f"{max_step_visits} slots hold: pass a larger ring_tokens (longer chunks, more documents each) or a "
+                f"smaller batch")
+
+    @property
+    def num_visited(self) -> int:
+        """K_E: the chunks holding at least one usable start, each visited once per pass."""
+        return len(self.nonempty)
+
+    @property
+    def span_tokens(self) -> int:
+        """Tokens a ring slot must hold for a chunk: C + T (the last chunk, up to the stream's end, is no longer)."""
+        return self.chunking.chunk_tokens + self.chunking.seq_len
+
+    def span(self, chunk: int) -> tuple[int, int]:
+        """(first stream position, tokens) a visit of `chunk` loads: the windows of every start it owns."""
+        start = chunk * self.chunking.chunk_tokens
+        return start, min(self.span_tokens, self.chunking.num_tokens - start)
+
+    def pass_order(self, seed: int, epoch: int) -> tuple[list[int], list[int]]:
+        """(chunks by position, cum) of pass `epoch`: cum[q] rows of the pass precede position q (K_E + 1 values)."""
+        key = (seed, epoch)
+        with self._lock:  # the ring's fill thread asks too
+            found = self._passes.get(key)
+        if found is None:
+            n = self.num_visited
+            positions = feistel_permute(torch.arange(n), torch.full((n,), epoch, dtype=torch.int64),
+                                        seed ^ SALT_CHUNKS, n).tolist()
+            order = [self.nonempty[q] for q in positions]
+            found = (order, [0, *itertools.accumulate(self.counts[j] for j in order)])
+            with self._lock:
+                if len(self._passes) >= 8:  # a step reads two passes at most; a few more serve the fill thread
+                    self._passes.pop(next(iter(self._passes)))
+                self._passes[key] = found
+        return found
+
+    def locate(self, seed: int, w: int) -> tuple[int, int]:
+        """(pass, position) of row w = step*G + g, i.e. of its visit pass*K_E + position."""
+        epoch, i = divmod(w, self.num_starts)
+        return epoch, bisect.bisect_right(self.pass_order(seed, epoch)[1], i) - 1
+
+    def visit(self, seed: int, w: int) -> int:
+        epoch, position = self.locate(seed, w)
+        return epoch * self.num_visited + position
+
+    def visit_chunk(self, seed: int, visit: int) -> int:
+        """The chunk that visit `visit` brings into the ring."""
+        epoch, position = divmod(visit, self.num_visited)
+        return self.pass_order(seed, epoch)[0][position]
+
+    def step_visits(self, seed: int, step: int) -> tuple[int, int]:
+        """First and last visit that the global rows of `step` read from."""
+        first = step * self.chunking.global_batch
+        return self.visit(seed, first), self.visit(seed, first + self.chunking.global_batch - 1)
+
+    def pass_table(self, seed: int, epoch: int, device=None) -> torch.Tensor:
+        """int64 (4, 2*K_E + 1) on `device` (default CPU): cum, P_j, D_j and feistel_half_bits(D_j) by position
+        over passes epoch and epoch + 1 laid end to end (the second pass's cum offset by D), cum ending at 2D:
+        what the Triton kernel and the native code read to place a row w with epoch*D <= w < (epoch + 2)*D.
+        The last two tables asked for stay cached: a new one is built (and copied) once per pass."""
+        device = torch.device("cpu") if device is None else torch.device(device)
+        key = (seed, epoch, device)
+        with self._lock:
+            found = self._tables.get(key)
+        if found is not None:
+            return found
+        order0, cum0 = self.pass_order(seed, epoch)
+        order1, cum1 = self.pass_order(seed, epoch + 1)
+        order = order0 + order1
+        counts = [self.counts[j] for j in order]
+        rows = [cum0[:-1] + [self.num_starts + c for c in cum1], [self.first[j] for j in order] + [0], counts + [1],
+                [feistel_half_bits(c) for c in counts] + [1]]
+        # From the host; a copy of a CPU tensor to CUDA is ordered after the launches queued before it.
+        found = torch.tensor(rows, dtype=torch.int64).to(device)
+        with self._lock:
+            if len(self._tables) >= 2:
+                self._tables.pop(next(iter(self._tables)))
+            self._tables[key] = found
+        return found
 
 
-def aligned_window_starts(sampling: str, seed: int, step: int, rows: torch.Tensor, global_batch: int,
-                          starts: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    """`sampling.window_starts` for align='bos': `starts` are the usable document starts (int64, sorted).
+def _chunked_aligned_starts(sampling: str, seed: int, step: int, rows: torch.Tensor, starts: torch.Tensor,
+                            chunks: AlignedChunking) -> tuple[torch.Tensor, torch.Tensor]:
+    D, visited = chunks.num_starts, chunks.num_visited
+    w = rows + step * chunks.chunking.global_batch
+    epoch, i = w // D, w % D
+    first = torch.tensor(chunks.first, device=rows.device)
+    counts = torch.tensor(chunks.counts, device=rows.device)
+    index, visits = torch.empty_like(w), torch.empty_like(w)
+    for e in torch.unique(epoch).tolist():
+        sel = epoch == e
+        order, cum = (torch.tensor(part, device=rows.device) for part in chunks.pass_order(seed, e))
+        position = torch.searchsorted(cum, i[sel], right=True) - 1
+        chunk = order[position]
+        visits[sel] = e * visited + position
+        if sampling == "random":
+            index[sel] = first[chunk] + _aligned_hash(seed, step, rows[sel]) % counts[chunk]
+            continue
+        within = i[sel] - cum[position]
+        picked = torch.empty_like(within)
+        for j in torch.unique(chunk).tolist():  # each chunk permutes its own D_j starts
+            mine = chunk == j
+            picked[mine] = chunks.first[j] + feistel_permute(within[mine], visits[sel][mine], seed, chunks.counts[j])
+        index[sel] = picked
+    return starts[index], visits
 
-    `rows` and `starts` must be on the same device; the result (int64) is there too. Shuffle's cycle
+
+def aligned_window_starts_and_visits(sampling: str, seed: int, step: int, rows: torch.Tensor, global_batch: int,
+                                     starts: torch.Tensor, num_tokens: int,
+                                     chunks: Optional[AlignedChunking] = None
+                                     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(window starts, ring visits or None) for align='bos': `starts` are the usable document starts
+    (int64, sorted); `chunks` selects the rule for a ring smaller than the stream.
+
+    `rows` and `starts` must be on the same device; the results (int64) are there too. Shuffle's cycle
     walk synchronizes with the host once per walk, as `sampling.feistel_permute` does.
     """
     check_domain(step, global_batch, num_tokens)
     if starts.dim() != 1 or starts.numel() == 0 or starts.dtype != torch.int64:
         raise ValueError(f"aligned_window_starts: starts must be a non-empty 1-D int64 tensor of usable document "
                          f"starts (usable_document_starts), found {tuple(starts.shape)} {starts.dtype}")
+    if sampling not in ALIGNED_MODES:
+        raise ValueError(f"align='bos' works with sampling in {ALIGNED_MODES}, found {sampling!r}; sequential "
+                         f"sampling reads the stream in order, so use align=None with it")
+    rows = rows.to(torch.int64)
+    if chunks is not None:
+        if chunks.chunking.global_batch != global_batch or chunks.num_starts != starts.numel():
+            raise ValueError(f"aligned_window_starts: the AlignedChunking was built for global batch "
+                             f"{chunks.chunking.global_batch} and {chunks.num_starts} starts, not {global_batch} and "
+                             f"{starts.numel()}")
+        return _chunked_aligned_starts(sampling, seed, step, rows, starts, chunks)
+    num_starts = starts.numel()
     if sampling == "random":
-        return aligned_random_starts(seed, step, rows, starts)
-    if sampling == "shuffle":
-        return aligned_shuffle_starts(seed, step, rows, global_batch, starts)
-    raise ValueError(f"align='bos' works with sampling in {ALIGNED_MODES}, found {sampling!r}; sequential sampling "
-                     f"reads the stream in order, so use align=None with it")
+        return starts[_aligned_hash(seed, step, rows) % num_starts], None
+    w = rows + step * global_batch
+    return starts[feistel_permute(w % num_starts, w // num_starts, seed, num_starts)], None
+
+
+def aligned_window_starts(sampling: str, seed: int, step: int, rows: torch.Tensor, global_batch: int,
+                          starts: torch.Tensor, num_tokens: int,
+                          chunks: Optional[AlignedChunking] = None) -> torch.Tensor:
+    """`sampling.window_starts` for align='bos' (see `aligned_window_starts_and_visits`)."""
+    return aligned_window_starts_and_visits(sampling, seed, step, rows, global_batch, starts, num_tokens, chunks)[0]
 
 
 def max_segments_per_row(doc_starts: torch.Tensor, seq_len: int) -> int:

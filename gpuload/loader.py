@@ -11,9 +11,11 @@ import numpy as np
 import torch
 
 from gpuload import native
+from gpuload.documents import (AlignedChunking, aligned_window_starts_and_visits, doc_info_reference, document_starts,
+                               usable_document_starts)
 from gpuload.kernels.gather import gather_reference
 from gpuload.mixture import mixture_counts, mixture_rows
-from gpuload.ring import PLACEMENTS, Ring, RingLayout, default_ring_bytes, plan_ring, smallest_chunked_ring
+from gpuload.ring import NUM_SLOTS, PLACEMENTS, Ring, RingLayout, default_ring_bytes, plan_ring, smallest_chunked_ring
 from gpuload.sampling import MASK64, SAMPLING_IDS, SAMPLING_MODES, check_domain, window_starts_and_visits
 from gpuload.shards import TokenStream
 
@@ -97,6 +99,7 @@ class Source:
         self.fingerprint = stream.fingerprint()
         self.layout: Optional[RingLayout] = None
         self.doc_starts: Optional[torch.Tensor] = None  # align='bos': document starts where a window fits
+        self.aligned: Optional[AlignedChunking] = None  # align='bos' on a chunked ring: the starts by chunk
         self.ring: Optional[Ring] = None                # torch and triton backends
         self.table = None                               # native backend: the shard table read in place
 
@@ -198,19 +201,20 @@ class GPULoader:
             self._check_sources()
             self.num_tokens = sum(source.num_tokens for source in self.sources)
             self._plan_rings(ring_tokens)
-            if align:
-                for source in self.sources:
-                    source.doc_starts = self._usable_document_starts(source)
             self.backend = self._choose_backend(backend)
             if self.backend == "triton":
                 self._check_triton_device()
+            if align:
+                for source in self.sources:
+                    self._index_documents(source)
             # The native backend reads the memory maps in place through its shard table (which keeps them
             # alive while a call is in flight); the page cache is its ring. The others read the ring.
             for source in self.sources:
                 if self.backend == "native":
                     source.table = native.module().ShardTable(source.stream.arrays, source.stream.paths)
                 else:
-                    source.ring = Ring(source.stream, source.layout, sampling, seed, self.device, placement)
+                    source.ring = Ring(source.stream, source.layout, sampling, seed, self.device, placement,
+                                       aligned=source.aligned)
         except BaseException:
             self.close()
             raise
@@ -318,17 +322,15 @@ class GPULoader:
                                f"use backend='torch' or reinstall gpuload with a C++ compiler present")
         return backend
 
-    def _usable_document_starts(self, source: Source) -> torch.Tensor:
-        """The positions of bos_token where a whole window fits (int64, CPU), found once at construction."""
-        from gpuload.documents import document_starts, usable_document_starts
-
-        if source.chunking is not None:
-            raise ValueError(f"align='bos' needs the whole stream of {source.where()} in the ring (ring_tokens >= "
-                             f"{source.num_tokens}); aligned rows with a ring smaller than the stream are not "
-                             f"implemented yet")
+    def _index_documents(self, source: Source) -> None:
+        """align='bos': find the usable document starts once, on the device the gather reads them from (the
+        triton kernel's; the CPU for the host backends), and group them by chunk on a chunked ring."""
+        device = self.device if self.backend == "triton" else torch.device("cpu")
         try:
-            return usable_document_starts(document_starts(source.stream.arrays, self.bos_token, device="cpu"),
-                                          source.num_tokens, self.seq_len)
+            source.doc_starts = usable_document_starts(
+                document_starts(source.stream.arrays, self.bos_token, device=device), source.num_tokens, self.seq_len)
+            if source.chunking is not None:
+                source.aligned = AlignedChunking(source.chunking, source.doc_starts, NUM_SLOTS)
         except ValueError as e:
             raise ValueError(f"align='bos' in {source.where()}: {e}") from None
 
@@ -365,8 +367,6 @@ class GPULoader:
             from gpuload.kernels.triton_docs import doc_info_triton
 
             return doc_info_triton(x, self.bos_token)
-        from gpuload.documents import doc_info_reference
-
         return doc_info_reference(x, self.bos_token)
 
     @property
@@ -383,10 +383,8 @@ class GPULoader:
     def _source_starts(self, source: Source, step: int, index: torch.Tensor):
         """(window starts, ring visits or None) of rows `index` of `source` at `step`."""
         if source.doc_starts is not None:
-            from gpuload.documents import aligned_window_starts
-
-            return aligned_window_starts(self.sampling, self.seed, step, index, source.rows, source.doc_starts,
-                                         source.num_tokens), None
+            return aligned_window_starts_and_visits(self.sampling, self.seed, step, index.to(source.doc_starts.device),
+                                                    source.rows, source.doc_starts, source.num_tokens, source.aligned)
         return window_starts_and_visits(self.sampling, self.seed, step, index, source.rows, source.num_tokens,
                                         self.seq_len, source.chunking)
 
@@ -397,7 +395,7 @@ class GPULoader:
         for k, source in enumerate(self.sources):
             mine = which == k
             if bool(mine.any()):
-                starts[mine] = self._source_starts(source, step, index[mine])[0]
+                starts[mine] = self._source_starts(source, step, index[mine])[0].cpu()
         return starts
 
     def _produce(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -437,7 +435,7 @@ class GPULoader:
                                         self.rank * self.batch_size, self.global_batch, T, self._starts,
                                         x.data_ptr(), int32, y.data_ptr(), source.windows_per_chunk)
             else:
-                self._starts[:] = self.window_starts(step).numpy()
+                self._native_aligned_starts(source, step, self._rows.numpy(), self._starts)
                 table.gather(self._starts, T, x.data_ptr(), int32, y.data_ptr())
             return self._to_device(x, y)
         # The mixture in C++ too: gpuload.mixture.mixture_rows's rule, then per source the starts of its rows and
@@ -454,30 +452,32 @@ class GPULoader:
                                              T, rows, starts, x.data_ptr(), int32, y.data_ptr(), self.batch_size,
                                              source.windows_per_chunk)
             else:
-                starts[:] = self._source_starts(source, step, torch.from_numpy(index))[0].numpy()
+                self._native_aligned_starts(source, step, index, starts)
                 table.gather_rows(starts, T, rows, x.data_ptr(), int32, y.data_ptr(), self.batch_size)
         return self._to_device(x, y)
+
+    def _native_aligned_starts(self, source: Source, step: int, rows: np.ndarray, out: np.ndarray) -> None:
+        """align='bos' window starts of `source`'s rows `rows` at `step` into `out`, in C++ (csrc/sampling.h)."""
+        table, pass0, pos0, visited = None, 0, 0, 0
+        if source.aligned is not None:  # a chunked ring: the pass table the Triton kernel reads too
+            pass0, pos0 = source.aligned.locate(self.seed, step * source.rows)
+            table, visited = source.aligned.pass_table(self.seed, pass0).numpy(), source.aligned.num_visited
+        native.module().aligned_starts(SAMPLING_IDS[self.sampling], self.seed & MASK64, step, rows, source.rows,
+                                       source.doc_starts.numpy(), table, pass0, pos0, visited, out)
 
     def _produce_triton(self, step: int, rings: list[Ring]) -> tuple[torch.Tensor, torch.Tensor]:
         from gpuload.kernels.triton_gather import gather_batch_triton
 
         x, y = self._out if self._out is not None else self._outputs(self.device)
-        which, index = self.row_sources(step) if any(s.doc_starts is not None for s in self.sources) else (None, None)
         for k, (source, ring) in enumerate(zip(self.sources, rings)):
             tokens = ring.acquire(step)
-            given = None
-            if source.doc_starts is not None:  # align='bos': starts drawn among document starts, on the host
-                mine = which == k
-                given = torch.zeros_like(index)
-                given[mine] = self._source_starts(source, step, index[mine])[0]
-                given = given.to(self.device)
             layout = source.layout
             # One launch per source; with a mixture each writes only the rows the step gives its source.
             gather_batch_triton(tokens, self.sampling, self.seed, step, self.rank * self.batch_size, self.batch_size,
                                 source.rows, source.num_tokens, self.seq_len, x, y, self.input_dtype,
                                 chunking=layout.chunking, num_slots=layout.num_slots, slot_tokens=layout.slot_tokens,
-                                device=self.device, starts=given,
-                                mixture=(self.counts, k) if self.mixed else None)
+                                device=self.device, mixture=(self.counts, k) if self.mixed else None,
+                                doc_starts=source.doc_starts, aligned_chunks=source.aligned)
             ring.release(step)
         return x, y
 

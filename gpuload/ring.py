@@ -8,6 +8,8 @@ Layout. `plan_ring` picks one of two layouts:
   step reads is a function of the step (`Chunking.step_visits`), so batches never depend on I/O timing:
   the consumer waits until its visits are loaded, and the filler overwrites a slot only once the
   consumer has moved past its visit (a step reads at most 3 visits, so 4 slots leave one filling ahead).
+  With align='bos' (`documents.AlignedChunking`) the visits follow the document starts: a visit loads
+  the C + T tokens from its chunk's start, and a step reads at most 4 visits (checked when built).
 
 Placement on CUDA: "device" keeps a device copy of every slot, refreshed by async copies from the
 pinned host slot on a side stream (the gather waits on the copy's event; the filler waits on the
@@ -27,13 +29,16 @@ import os
 import threading
 import weakref
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 import torch
 
 from gpuload.sampling import Chunking
 from gpuload.shards import TokenStream
+
+if TYPE_CHECKING:
+    from gpuload.documents import AlignedChunking
 
 PLACEMENTS = ("device", "zero-copy")
 NUM_SLOTS = 4
@@ -113,7 +118,7 @@ class _Filler:
 
     def __init__(self, ring: "Ring", first_visit: int):
         self.stream, self.layout = ring.stream, ring.layout
-        self.sampling, self.seed = ring.sampling, ring.seed
+        self.sampling, self.seed, self.aligned = ring.sampling, ring.seed, ring.aligned
         self.host, self.device_ring, self.side_stream = ring.host, ring.device_ring, ring.side_stream
         self.slot_read, self.slot_copied = ring.slot_read, ring.slot_copied
         self.cond = threading.Condition()
@@ -151,6 +156,8 @@ class _Filler:
         chunking = self.layout.chunking
         if chunking is None:
             return 0, self.stream.num_tokens
+        if self.aligned is not None:
+            return self.aligned.span(self.aligned.visit_chunk(self.seed, visit))
         chunk = chunking.visit_chunk(self.sampling, self.seed, visit)
         return chunk * chunking.chunk_tokens, chunking.chunk_length(chunk)
 
@@ -214,10 +221,13 @@ class Ring:
     """Stream tokens resident for the gather: `acquire(step)` -> the tensor to read, `release(step)` after the launch."""
 
     def __init__(self, stream: TokenStream, layout: RingLayout, sampling: str, seed: int, device: torch.device,
-                 placement: str = "device"):
+                 placement: str = "device", aligned: Optional["AlignedChunking"] = None):
         if placement not in PLACEMENTS:
             raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
+        if aligned is not None and aligned.chunking != layout.chunking:
+            raise ValueError("Ring: the AlignedChunking was built for another chunking than the layout's")
         self.stream, self.layout, self.sampling, self.seed = stream, layout, sampling, seed
+        self.aligned = aligned  # align='bos' on a chunked ring: visits follow the document starts
         self.device, self.placement = device, placement
         cuda = device.type == "cuda"
         dtype = _TORCH_TOKEN_DTYPES[stream.dtype]
@@ -254,7 +264,11 @@ class Ring:
 
     def visits(self, step: int) -> tuple[int, int]:
         chunking = self.layout.chunking
-        return (0, 0) if chunking is None else chunking.step_visits(self.sampling, step)
+        if chunking is None:
+            return 0, 0
+        if self.aligned is not None:
+            return self.aligned.step_visits(self.seed, step)
+        return chunking.step_visits(self.sampling, step)
 
     def acquire(self, step: int) -> torch.Tensor:
         """Wait until every token step `step` reads is resident; the returned tensor is safe to read on the current stream."""
@@ -292,7 +306,10 @@ class Ring:
             self.slot_read[visit % self.layout.num_slots] = read
 
     def ring_positions(self, starts: torch.Tensor, visits: Optional[torch.Tensor]) -> torch.Tensor:
-        """Where each window start `starts` (stream positions) of visit `visits` lies in the ring."""
+        """Where each window start `starts` (stream positions) of visit `visits` lies in the ring.
+
+        A start of chunk j's visit lies in [j*C, (j+1)*C) (the last chunk's: within C of its first token),
+        with align='bos' too, so its offset in the slot is start mod C."""
         chunking = self.layout.chunking
         if chunking is None:
             return starts

@@ -11,11 +11,13 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from gpuload.documents import (DEFAULT_CHUNK_TOKENS, SALT_ALIGNED_RANDOM, aligned_window_starts,  # noqa: E402
-                               doc_info_reference, document_starts, max_segments_per_row, usable_document_starts)
+from gpuload import native  # noqa: E402
+from gpuload.documents import (DEFAULT_CHUNK_TOKENS, SALT_ALIGNED_RANDOM, AlignedChunking,  # noqa: E402
+                               aligned_window_starts, aligned_window_starts_and_visits, doc_info_reference,
+                               document_starts, max_segments_per_row, usable_document_starts)
 from gpuload.kernels import triton_docs  # noqa: E402
 from gpuload.kernels.triton_docs import doc_info_triton  # noqa: E402
-from gpuload.sampling import MASK64, SALT_RANDOM, mix64_int  # noqa: E402
+from gpuload.sampling import MASK64, SALT_CHUNKS, SALT_RANDOM, SAMPLING_IDS, Chunking, mix64_int  # noqa: E402
 from test_sampling import oracle_feistel  # noqa: E402  (the scalar Feistel oracle written from the docstring)
 
 if triton_docs.interpreter_active():
@@ -262,6 +264,156 @@ def test_aligned_rejects_sequential_and_bad_starts():
         aligned_window_starts("random", 0, 0, torch.arange(2), 2, torch.zeros(0, dtype=torch.int64), 100)
     with pytest.raises(ValueError, match="step must be"):
         aligned_window_starts("random", 0, -1, torch.arange(2), 2, starts, 100)
+
+
+# --- BOS-aligned starts on a ring smaller than the stream (AlignedChunking) -------------------------
+
+def oracle_chunked_aligned(mode, seed, step, g, G, starts, chunking):
+    """(start, visit) of global row g by the chunked aligned rule, written from documents.py's docstring."""
+    C, K = chunking.chunk_tokens, chunking.num_chunks
+    owned = [[p for p in starts if min(p // C, K - 1) == j] for j in range(K)]
+    visited = [j for j in range(K) if owned[j]]
+    w = step * G + g
+    epoch, i = divmod(w, len(starts))
+    order = [visited[oracle_feistel(q, epoch, (seed ^ SALT_CHUNKS) & MASK64, len(visited))] for q in range(len(visited))]
+    before = 0
+    for q, j in enumerate(order):
+        if i < before + len(owned[j]):
+            break
+        before += len(owned[j])
+    visit = epoch * len(visited) + q
+    if mode == "random":
+        h = mix64_int(mix64_int(mix64_int(seed ^ SALT_ALIGNED_RANDOM) + step) + g)
+        return owned[j][(h >> 1) % len(owned[j])], visit
+    return owned[j][oracle_feistel(i - before, visit, seed & MASK64, len(owned[j]))], visit
+
+
+def chunked_fixture(seq_len=8, global_batch=4, windows_per_chunk=12, seed=0, num_docs=120):
+    """Documents of random lengths over a few dozen chunks: mostly short ones (down to a single token), some
+    of one to three chunks, so chunks hold many, few, one or no document starts."""
+    rng = random.Random(seed)
+    C = windows_per_chunk * seq_len
+    pick = [lambda: 1, lambda: 2, lambda: rng.randint(3, 2 * seq_len), lambda: rng.randint(C, 3 * C)]
+    lengths = [rng.choices(pick, [2, 2, 8, 1])[0]() for _ in range(num_docs)]
+    stream = make_stream(lengths, lead=3, seed=seed)
+    usable = usable_document_starts(document_starts(torch.tensor(stream, dtype=torch.uint16), BOS), len(stream),
+                                    seq_len)
+    chunking = Chunking(len(stream), seq_len, global_batch, windows_per_chunk)
+    return stream, usable, chunking, AlignedChunking(chunking, usable, 4)
+
+
+@pytest.mark.parametrize("mode", ["random", "shuffle"])
+@pytest.mark.parametrize("seed", [0, 2**64 - 1, -5])
+def test_chunked_aligned_starts_equal_oracle(mode, seed):
+    stream, usable, chunking, chunks = chunked_fixture()
+    assert 0 in chunks.counts and 1 in chunks.counts and len(chunks.nonempty) > 2  # empty chunks are skipped
+    G, starts_list = chunking.global_batch, usable.tolist()
+    for step in (0, 1, 5, len(starts_list) // G, 2**40 + 3):
+        got, visits = aligned_window_starts_and_visits(mode, seed, step, torch.arange(G), G, usable, len(stream),
+                                                       chunks)
+        want = [oracle_chunked_aligned(mode, seed, step, g, G, starts_list, chunking) for g in range(G)]
+        assert list(zip(got.tolist(), visits.tolist())) == want
+        assert (visits.min().item(), visits.max().item()) == chunks.step_visits(seed, step)
+
+
+@pytest.mark.parametrize("mode", ["random", "shuffle"])
+@pytest.mark.parametrize("global_batch,windows_per_chunk,seed", [(1, 5, 0), (4, 12, 0), (7, 30, 3)])
+def test_chunked_aligned_rows_read_their_visits_chunk_and_each_pass_serves_every_chunk_its_count(
+        mode, global_batch, windows_per_chunk, seed):
+    stream, usable, chunking, chunks = chunked_fixture(8, global_batch, windows_per_chunk, seed)
+    D, T = usable.numel(), chunking.seq_len
+    seen, visits = [], []
+    for step in range(-(-3 * D // global_batch)):
+        starts, v = aligned_window_starts_and_visits(mode, 11, step, torch.arange(global_batch), global_batch,
+                                                     usable, len(stream), chunks)
+        seen += starts.tolist()
+        visits += v.tolist()
+    for o, v in zip(seen, visits):  # every window lies whole in what its visit loads, and starts a document
+        first, count = chunks.span(chunks.visit_chunk(11, v))
+        assert stream[o] == BOS and first <= o and o + T + 1 <= first + count
+    for p in range(3):
+        rows = seen[p * D:(p + 1) * D]
+        if mode == "shuffle":  # every usable start exactly once per pass
+            assert sorted(rows) == usable.tolist()
+        else:  # each chunk serves exactly its D_j rows per pass, drawn among its own starts
+            per_chunk = np.bincount([min(o // chunking.chunk_tokens, chunking.num_chunks - 1) for o in rows],
+                                    minlength=chunking.num_chunks)
+            assert per_chunk.tolist() == chunks.counts
+    assert seen[:D] != seen[D:2 * D]  # a new order each pass
+
+
+def test_chunked_aligned_with_one_visited_chunk_is_the_whole_stream_rule():
+    # Every document start in the first chunk: K_E = 1, so both rules reduce to the whole-stream ones.
+    stream = make_stream([3, 5, 1, 9, 2, 4, 40, 400], lead=2)
+    usable = usable_document_starts(document_starts(torch.tensor(stream, dtype=torch.uint16), BOS), len(stream), 8)
+    chunks = AlignedChunking(Chunking(len(stream), 8, 4, 10), usable, 4)
+    assert len(chunks.nonempty) == 1
+    for mode in ("random", "shuffle"):
+        for step in range(7):
+            chunked, visits = aligned_window_starts_and_visits(mode, 2, step, torch.arange(4), 4, usable, len(stream),
+                                                               chunks)
+            assert torch.equal(chunked, aligned_window_starts(mode, 2, step, torch.arange(4), 4, usable, len(stream)))
+            assert visits.tolist() == [(step * 4 + g) // usable.numel() for g in range(4)]
+
+
+def test_chunked_aligned_starts_do_not_depend_on_world_size():
+    stream, usable, chunking, chunks = chunked_fixture(global_batch=8, windows_per_chunk=20, seed=3)
+    for mode in ("random", "shuffle"):
+        whole = aligned_window_starts(mode, 4, 5, torch.arange(8), 8, usable, len(stream), chunks)
+        for rank in range(4):
+            rows = torch.arange(rank * 2, rank * 2 + 2)
+            assert torch.equal(aligned_window_starts(mode, 4, 5, rows, 8, usable, len(stream), chunks), whole[rows])
+
+
+def test_aligned_chunking_refuses_steps_that_could_outgrow_the_ring():
+    # Chunks of 10 windows of 8 tokens, one start each: a step of 10 rows could span 10 chunks.
+    stream = make_stream([80] * 10)
+    usable = usable_document_starts(document_starts(torch.tensor(stream, dtype=torch.uint16), BOS), len(stream), 8)
+    with pytest.raises(ValueError, match=r"chunk\(s\) \[.*\] of 80 tokens hold only \[1, 1.*could read 10 chunks, "
+                                         r"more than the ring's 4 slots"):
+        AlignedChunking(Chunking(len(stream), 8, 10, 10), usable, 4)
+    with pytest.raises(ValueError, match="at least one global batch of usable document starts, found 10"):
+        AlignedChunking(Chunking(len(stream), 8, 11, 11), usable, 4)
+    chunks = AlignedChunking(Chunking(len(stream), 8, 4, 10), usable, 4)  # 4 rows: at most 4 chunks per step
+    with pytest.raises(ValueError, match="built for global batch 4"):
+        aligned_window_starts("random", 0, 0, torch.arange(2), 2, usable, len(stream), chunks)
+
+
+@pytest.mark.skipif(not native.available(), reason="native extension not built")
+@pytest.mark.parametrize("mode", ["random", "shuffle"])
+@pytest.mark.parametrize("chunked", [False, True])
+def test_native_aligned_starts_equal_torch(mode, chunked):
+    stream, usable, chunking, chunks = chunked_fixture(global_batch=6, windows_per_chunk=15)
+    G, D = 6, usable.numel()
+    out = np.empty(G, dtype=np.int64)
+    for seed in (0, 2**64 - 1):
+        for step in list(range(0, 3 * D // G + 2)) + [2**40 + 1]:  # across pass boundaries, and far
+            rows = np.arange(G, dtype=np.int64)
+            table, pass0, pos0 = None, 0, 0
+            if chunked:
+                pass0, pos0 = chunks.locate(seed, step * G)
+                table = chunks.pass_table(seed, pass0).numpy()
+            native.module().aligned_starts(SAMPLING_IDS[mode], seed, step, rows, G, usable.numpy(), table, pass0,
+                                           pos0, chunks.num_visited, out)
+            want = aligned_window_starts(mode, seed, step, torch.from_numpy(rows), G, usable, len(stream),
+                                         chunks if chunked else None)
+            assert out.tolist() == want.tolist(), (seed, step)
+
+
+@pytest.mark.skipif(not native.available(), reason="native extension not built")
+def test_native_aligned_starts_check_their_arguments():
+    _, usable, _, chunks = chunked_fixture(global_batch=6, windows_per_chunk=15)
+    mod, starts, out = native.module(), usable.numpy(), np.empty(2, dtype=np.int64)
+    rows = np.arange(2, dtype=np.int64)
+    table = chunks.pass_table(0, 0).numpy()
+    with pytest.raises(ValueError, match="mode 0"):
+        mod.aligned_starts(2, 0, 0, rows, 6, starts, None, 0, 0, 0, out)
+    with pytest.raises(IndexError, match="row 7 outside the global batch"):
+        mod.aligned_starts(0, 0, 0, np.array([0, 7], dtype=np.int64), 6, starts, None, 0, 0, 0, out)
+    with pytest.raises(ValueError, match="does not cover this step"):
+        mod.aligned_starts(0, 0, 10 * usable.numel(), rows, 6, starts, table, 0, 0, chunks.num_visited, out)
+    with pytest.raises(ValueError, match="pass_table"):
+        mod.aligned_starts(0, 0, 0, rows, 6, starts, table[:3], 0, 0, chunks.num_visited, out)
 
 
 @pytest.mark.parametrize("seq_len", [1, 2, 5, 16, 40])

@@ -415,7 +415,63 @@ def test_aligned_resume_and_errors(tmp_path, make_shards):
         loader(paths, batch_size=2, seq_len=32, align="bos")
     with pytest.raises(ValueError, match="sequential reads the stream in order"):
         loader(paths, batch_size=2, seq_len=32, sampling="sequential", bos_token=7, align="bos")
-    with pytest.raises(ValueError, match="needs the whole stream of .* in the ring"):
-        loader(make_shards([20_000]), batch_size=2, seq_len=32, bos_token=7, align="bos", ring_tokens=4096)
+    # Position tokens hold a single 7 in 20,000: fewer usable starts than a global batch on a chunked ring.
+    with pytest.raises(ValueError, match=r"align='bos' in .*shard_0.bin: .* needs at least one global batch of usable "
+                                         r"document starts, found 1"):
+        loader(make_shards([20_000]), batch_size=2, seq_len=32, bos_token=7, align="bos", ring_tokens=8192)
     with pytest.raises(ValueError, match=r"align='bos' in .*docs_0.bin"):
         loader(paths, batch_size=2, seq_len=32, bos_token=999_999, align="bos")
+
+
+def long_document_shards(tmp_path, num_tokens=60_000, num_docs=400):
+    """Two shards of documents of random lengths (bos = 7), long enough for a ring of a few chunks."""
+    from gpuload.shards import write_shard
+
+    rng = np.random.default_rng(2)
+    tokens = rng.integers(1, 1000, num_tokens).astype(np.uint16)
+    tokens[rng.choice(num_tokens, num_docs, replace=False)] = 7
+    half = num_tokens // 2
+    write_shard(tmp_path / "docs_0.bin", tokens[:half])
+    write_shard(tmp_path / "docs_1.bin", tokens[half:])
+    return [str(tmp_path / "docs_0.bin"), str(tmp_path / "docs_1.bin")], tokens
+
+
+@pytest.mark.parametrize("mode", ["random", "shuffle"])
+def test_aligned_rows_on_a_ring_smaller_than_the_stream(tmp_path, mode):
+    from gpuload.documents import aligned_window_starts
+
+    paths, tokens = long_document_shards(tmp_path)
+    kw = dict(batch_size=4, seq_len=32, sampling=mode, seed=3, bos_token=7, align="bos", ring_tokens=4 * 4096)
+    runs = {}
+    for backend in BACKENDS:
+        ld = loader(paths, backend=backend, **kw)
+        assert ld.sources[0].aligned is not None and ld.sources[0].aligned.num_visited > 4
+        runs[backend] = [tuple(t.cpu() for t in next(ld)) for _ in range(40)]  # enough steps to cycle the 4 slots
+        source = ld.sources[0]
+        for step, (x, y) in enumerate(runs[backend]):
+            starts = aligned_window_starts(mode, 3, step, torch.arange(4), 4, source.doc_starts.cpu(), tokens.size,
+                                           source.aligned)
+            assert (x[:, 0] == 7).all()
+            assert torch.equal(x, torch.from_numpy(tokens.astype(np.int64))[starts[:, None] + torch.arange(32)])
+            assert torch.equal(x[:, 1:], y[:, :-1])
+        ld.close()
+    for backend in BACKENDS[1:]:
+        assert_same(runs[backend], runs["torch"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_aligned_small_ring_resumes_exactly_on_another_world_size(tmp_path, backend):
+    paths, _ = long_document_shards(tmp_path)
+    kw = dict(seq_len=32, sampling="shuffle", seed=1, bos_token=7, align="bos", ring_tokens=4 * 4096, backend=backend)
+    ld = loader(paths, batch_size=4, **kw)
+    batches(ld, 30)
+    state = json.loads(json.dumps(ld.state_dict()))
+    rest = batches(ld, 12)
+    halves = [loader(paths, batch_size=2, rank=r, world_size=2, **kw) for r in range(2)]
+    for half in halves:
+        half.load_state_dict(state)
+    for x, y in rest:
+        parts = [next(half) for half in halves]
+        assert torch.equal(torch.cat([p[0] for p in parts]), x) and torch.equal(torch.cat([p[1] for p in parts]), y)
+    with pytest.raises(ValueError, match="ring chunking differs"):
+        loader(paths, batch_size=4, **{**kw, "ring_tokens": 8 * 4096}).load_state_dict(state)

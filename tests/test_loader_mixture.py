@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from gpuload.documents import aligned_window_starts
 from gpuload.loader import ring_budgets
 from gpuload.mixture import mixture_counts, mixture_rows
 from gpuload.sampling import window_starts_and_visits
@@ -91,21 +92,29 @@ def test_rows_per_source_exact_every_step_and_token_shares_within_a_point(make_s
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_resume_with_mixture_and_alignment_on_other_world_sizes(tmp_path, backend):
+@pytest.mark.parametrize("ring_tokens", [None, 4 * 4096])  # whole streams, or two chunked rings of 4 slots
+def test_resume_with_mixture_and_alignment_on_other_world_sizes(tmp_path, backend, ring_tokens):
     rng = np.random.default_rng(4)
-    paths = {}
+    paths, streams = {}, []
     for k, name in enumerate(["web", "code"]):
-        tokens = rng.integers(1, 1000, 3000 + 1000 * k).astype(np.uint16)
-        tokens[rng.choice(tokens.size, 50, replace=False)] = 7
+        tokens = rng.integers(1, 1000, 20_000 - 8000 * k).astype(np.uint16)
+        tokens[rng.choice(tokens.size, tokens.size // 60, replace=False)] = 7
         tokens[0] = 7
         os.makedirs(tmp_path / name)
         write_shard(tmp_path / name / "train_0.bin", tokens)
         paths[name] = [str(tmp_path / name / "train_0.bin")]
+        streams.append(torch.from_numpy(tokens.astype(np.int64)))
     kw = dict(weights={"web": 2, "code": 1}, seq_len=16, sampling="shuffle", seed=5, bos_token=7, align="bos",
-              doc_info=True, backend=backend)
+              doc_info=True, backend=backend, ring_tokens=ring_tokens)
     ld = loader(paths, batch_size=6, **kw)
-    for _ in range(4):
-        next(ld)
+    assert all((source.aligned is None) == (ring_tokens is None) for source in ld.sources)
+    for step in range(4):  # each source's rows by its own aligned rule, read from its own stream
+        x = next(ld)[0].cpu()
+        which, index = ld.row_sources(step)
+        for k, source in enumerate(ld.sources):
+            starts = aligned_window_starts("shuffle", 5, step, index[which == k], source.rows, source.doc_starts.cpu(),
+                                           source.num_tokens, source.aligned)
+            assert torch.equal(x[which == k], streams[k][starts[:, None] + torch.arange(16)])
     state = json.loads(json.dumps(ld.state_dict()))
     rest = [next(ld) for _ in range(4)]
     resumed = [loader(paths, batch_size=2, rank=r, world_size=3, **kw) for r in range(3)]

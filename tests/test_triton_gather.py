@@ -10,6 +10,8 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from gpuload.documents import (aligned_window_starts, aligned_window_starts_and_visits, document_starts,  # noqa: E402
+                               usable_document_starts)
 from gpuload.kernels import triton_gather  # noqa: E402
 from gpuload.kernels.gather import gather_reference  # noqa: E402
 from gpuload.kernels.triton_gather import gather_batch_triton  # noqa: E402
@@ -377,3 +379,118 @@ def test_mixture_arguments_are_checked(mixture, match):
     tokens = random_tokens(100, torch.uint16).to(DEVICE)
     with pytest.raises(ValueError, match=match):
         gather_batch_triton(tokens, "random", 0, 0, 0, 2, 4, 100, 8, mixture=mixture)
+
+
+# --- align='bos': starts drawn among document starts inside the kernel -------------------------------
+
+BOS = 7
+
+
+def document_tokens(num_tokens, token_dtype, num_docs, seed):
+    """Random tokens over the dtype's range with BOS at `num_docs` random positions (position 0 included)."""
+    tokens = random_tokens(num_tokens, token_dtype, seed=seed).to(torch.int64)
+    tokens[tokens == BOS] = BOS + 1
+    gen = torch.Generator().manual_seed(seed)
+    tokens[torch.randperm(num_tokens, generator=gen)[:num_docs - 1]] = BOS
+    tokens[0] = BOS
+    return tokens.to(token_dtype)
+
+
+@pytest.mark.parametrize("mode", ["random", "shuffle"])
+@pytest.mark.parametrize("token_dtype", [torch.uint16, torch.uint32])
+@pytest.mark.parametrize("batch,global_batch,num_docs", [(1, 1, 2), (5, 11, 40), (6, 12, 5)])
+def test_aligned_matches_reference(mode, token_dtype, batch, global_batch, num_docs):
+    # num_docs=5 < G: one step takes several epochs of the usable starts.
+    num_tokens, seq_len = 2003, 9
+    tokens = document_tokens(num_tokens, token_dtype, num_docs, seed=num_docs)
+    usable = usable_document_starts(document_starts(tokens, BOS), num_tokens, seq_len)
+    for seed, step, input_dtype in ((0, 0, torch.int64), (2**64 - 1, 3, torch.int32), (-12345, 2**40 + 7, torch.int64)):
+        rows = torch.arange(global_batch - batch, global_batch)
+        want_starts = aligned_window_starts(mode, seed, step, rows, global_batch, usable, num_tokens)
+        want_x, want_y = gather_reference([tokens], torch.tensor([0, num_tokens]), want_starts, seq_len, input_dtype)
+        got = run(tokens, mode, seed, step, global_batch - batch, batch, global_batch, num_tokens, seq_len,
+                  input_dtype=input_dtype, doc_starts=usable.to(DEVICE))
+        assert_batch_equal(got, (want_x, want_y, want_starts), input_dtype)
+        assert bool((got[0][:, 0] == BOS).all())
+
+
+def aligned_ring(stream, chunks, seed, visits, num_slots, slot_tokens, token_dtype=torch.uint16):
+    """A ring holding `visits` as gpuload/ring.py lays them out for align='bos' (C + T tokens a visit)."""
+    ring = torch.zeros(num_slots * slot_tokens, dtype=token_dtype)
+    for visit in set(visits):
+        first, count = chunks.span(chunks.visit_chunk(seed, visit))
+        ring[(visit % num_slots) * slot_tokens:][:count] = stream[first:first + count]
+    return ring
+
+
+@pytest.mark.parametrize("mode", ["random", "shuffle"])
+def test_aligned_chunked_ring_matches_reference(mode):
+    from test_documents import chunked_fixture
+
+    stream_list, usable, chunking, chunks = chunked_fixture(global_batch=6, windows_per_chunk=15)
+    stream = torch.tensor(stream_list, dtype=torch.uint16)
+    slot_tokens = chunks.span_tokens + 3
+    D, G = usable.numel(), chunking.global_batch
+    # Steps inside a pass, across the first pass boundary, and far ahead.
+    for seed, step in ((3, 0), (3, 5), (3, D // G), (3, D // G + 1), (-1, 2 * D // G), (3, 2**40 + 1)):
+        want_starts, visits = aligned_window_starts_and_visits(mode, seed, step, torch.arange(1, 5), G, usable,
+                                                               chunking.num_tokens, chunks)
+        want_x, want_y = gather_reference([stream], torch.tensor([0, stream.numel()]), want_starts, chunking.seq_len)
+        first, last = chunks.step_visits(seed, step)
+        ring = aligned_ring(stream, chunks, seed, range(first, last + 1), 4, slot_tokens)
+        got = run(ring, mode, seed, step, 1, 4, G, chunking.num_tokens, chunking.seq_len, chunking=chunking,
+                  num_slots=4, slot_tokens=slot_tokens, doc_starts=usable.to(DEVICE), aligned_chunks=chunks)
+        assert_batch_equal(got, (want_x, want_y, want_starts))
+
+
+def test_aligned_mixture_source_on_a_chunked_ring_matches_reference():
+    from gpuload.mixture import mixture_rows
+    from test_documents import chunked_fixture
+
+    counts, seed = [3, 6], 4
+    stream_list, usable, chunking, chunks = chunked_fixture(global_batch=counts[1], windows_per_chunk=15)
+    stream = torch.tensor(stream_list, dtype=torch.uint16)
+    slot_tokens = chunks.span_tokens
+    for step in (0, 9, 2**30):
+        source, index = mixture_rows(seed, step, counts)
+        mine = source == 1
+        starts, visits = aligned_window_starts_and_visits("shuffle", seed, step, index[mine], counts[1], usable,
+                                                          chunking.num_tokens, chunks)
+        first, last = chunks.step_visits(seed, step)
+        ring = aligned_ring(stream, chunks, seed, range(first, last + 1), 4, slot_tokens)
+        x = torch.full((9, chunking.seq_len), -1, dtype=torch.int64, device=DEVICE)
+        y = torch.full((9, chunking.seq_len), -1, dtype=torch.int64, device=DEVICE)
+        gather_batch_triton(ring.to(DEVICE), "shuffle", seed, step, 0, 9, counts[1], chunking.num_tokens,
+                            chunking.seq_len, out_x=x, out_y=y, chunking=chunking, num_slots=4, slot_tokens=slot_tokens,
+                            mixture=(counts, 1), doc_starts=usable.to(DEVICE), aligned_chunks=chunks)
+        want_x, want_y = gather_reference([stream], torch.tensor([0, stream.numel()]), starts, chunking.seq_len)
+        assert torch.equal(x.cpu()[mine], want_x) and torch.equal(y.cpu()[mine], want_y)
+        assert bool((x.cpu()[~mine] == -1).all())
+
+
+def test_aligned_arguments_are_checked():
+    from test_documents import chunked_fixture
+
+    _, usable, chunking, chunks = chunked_fixture(global_batch=6, windows_per_chunk=15)
+    tokens = torch.zeros(chunking.num_tokens, dtype=torch.uint16, device=DEVICE)
+    ring = torch.zeros(4 * chunks.span_tokens, dtype=torch.uint16, device=DEVICE)
+    starts = usable.to(DEVICE)
+    common = dict(seed=0, step=0, row0=0, batch=2, global_batch=6, num_tokens=chunking.num_tokens, seq_len=8)
+    cases = [
+        (dict(tokens=tokens, sampling="sequential", doc_starts=starts), "works with sampling in"),
+        (dict(tokens=tokens, sampling="random", doc_starts=starts.to(torch.int32)), "non-empty contiguous 1-D int64"),
+        (dict(tokens=tokens, sampling="random", doc_starts=starts[:0]), "non-empty contiguous 1-D int64"),
+        (dict(tokens=tokens, sampling="random", doc_starts=starts, aligned_chunks=chunks), "pass chunking= too"),
+        (dict(tokens=ring, sampling="random", doc_starts=starts, chunking=chunking, num_slots=4,
+              slot_tokens=chunks.span_tokens), "needs aligned_chunks="),
+        (dict(tokens=ring, sampling="random", doc_starts=starts[1:], aligned_chunks=chunks, chunking=chunking,
+              num_slots=4, slot_tokens=chunks.span_tokens), "needs aligned_chunks="),
+        (dict(tokens=torch.zeros(4 * chunks.span_tokens, dtype=torch.uint16, device=DEVICE), sampling="random",
+              doc_starts=starts, aligned_chunks=chunks, chunking=chunking, num_slots=4,
+              slot_tokens=chunks.span_tokens - 1), "slots of at least"),
+        (dict(tokens=ring, sampling="random", doc_starts=starts, aligned_chunks=chunks, chunking=chunking, num_slots=4,
+              slot_tokens=chunks.span_tokens, step=torch.zeros(1, dtype=torch.int64, device=DEVICE)), "int step"),
+    ]
+    for overrides, match in cases:
+        with pytest.raises(ValueError, match=match):
+            gather_batch_triton(**{**common, **overrides})

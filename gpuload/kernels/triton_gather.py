@@ -4,6 +4,8 @@ starts computed in the kernel.
 Each program owns one row's column block: it computes the row's window start from (seed, step, global
 row) with exactly the arithmetic of `gpuload/sampling.py` (ported line for line from its docstring;
 csrc/sampling.h is the same port in C++), then copies BLOCK tokens into x and the next BLOCK into y.
+With align='bos' the start is an entry of the usable document starts, a device tensor the kernel
+indexes by the rules of `gpuload/documents.py` (on a chunked ring, through a per-pass table).
 The reference is `gpuload.sampling.window_starts` + `gpuload.kernels.gather.gather_reference`, held to
 it with `torch.equal` in tests/test_triton_gather.py.
 
@@ -23,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from gpuload.documents import ALIGNED_MODES, SALT_ALIGNED_RANDOM, AlignedChunking
 from gpuload.mixture import SALT_MIXTURE
 from gpuload.sampling import (FEISTEL_ROUNDS, MIX_C1, MIX_C2, SALT_CHUNKS, SALT_RANDOM, SALT_SHUFFLE, SAMPLING_IDS,
                               SAMPLING_MODES, Chunking, check_domain, feistel_half_bits, to_signed,
@@ -35,6 +38,7 @@ _SALT_RANDOM = tl.constexpr(SALT_RANDOM)
 _SALT_SHUFFLE = tl.constexpr(SALT_SHUFFLE)
 _SALT_CHUNKS = tl.constexpr(SALT_CHUNKS)
 _SALT_MIXTURE = tl.constexpr(SALT_MIXTURE)
+_SALT_ALIGNED_RANDOM = tl.constexpr(SALT_ALIGNED_RANDOM)
 _FEISTEL_ROUNDS = tl.constexpr(FEISTEL_ROUNDS)
 
 # The kernel unrolls the Feistel rounds with one key per round; a new round count is a new contract.
@@ -142,6 +146,42 @@ def _window_start(seed, step, row, global_batch, num_tokens, num_windows, seq_le
 
 
 @triton.jit
+def _aligned_start(seed, step, row, global_batch, num_starts, half, doc_starts_ptr, table_ptr, table_len, pass0,
+                   pos0, num_visited, SAMPLING: tl.constexpr, CHUNKED: tl.constexpr):
+    """(window start, ring visit) of global row `row` at `step` for align='bos' (gpuload/documents.py): an index
+    into the usable document starts, then one load. CHUNKED: the step's pass table (AlignedChunking.pass_table)
+    places the row in its visit, scanning from the visit of the step's first row (at most 3 entries)."""
+    w = step * global_batch + row
+    visit = tl.zeros((), tl.uint64)
+    if CHUNKED:
+        lin = w - pass0 * num_starts
+        pos = pos0
+        nxt = tl.load(table_ptr + pos + 1).to(tl.uint64)
+        while nxt <= lin:
+            pos += 1
+            nxt = tl.load(table_ptr + pos + 1).to(tl.uint64)
+        first = tl.load(table_ptr + table_len + pos).to(tl.uint64)
+        count = tl.load(table_ptr + 2 * table_len + pos).to(tl.uint64)
+        visit = pass0 * num_visited + pos.to(tl.uint64)
+        if SAMPLING == 0:
+            h = _mix64(_mix64(_mix64(seed ^ _SALT_ALIGNED_RANDOM) + step) + row)
+            index = first + (h >> 1) % count
+        else:
+            within = lin - tl.load(table_ptr + pos).to(tl.uint64)
+            half_chunk = tl.load(table_ptr + 3 * table_len + pos).to(tl.uint64)
+            index = first + _feistel_permute(within, visit, _mix64(seed ^ _SALT_SHUFFLE), count, half_chunk)
+    else:
+        if SAMPLING == 0:
+            h = _mix64(_mix64(_mix64(seed ^ _SALT_ALIGNED_RANDOM) + step) + row)
+            index = (h >> 1) % num_starts
+        else:
+            epoch = w // num_starts
+            index = _feistel_permute(w - epoch * num_starts, epoch, _mix64(seed ^ _SALT_SHUFFLE), num_starts, half)
+    start = tl.load(doc_starts_ptr + index.to(tl.int64, bitcast=True)).to(tl.uint64)
+    return start, visit
+
+
+@triton.jit
 def _mixture_slot(seed, step, row, mix_rows, MIX_BLOCK: tl.constexpr):
     """slot(row) of gpuload/mixture.py: how many of the step's mix_rows row hashes are below row's own."""
     key = _mix64(_mix64(seed ^ _SALT_MIXTURE) + step)
@@ -156,13 +196,15 @@ def _mixture_slot(seed, step, row, mix_rows, MIX_BLOCK: tl.constexpr):
     return tl.sum(below, axis=0).to(tl.uint64)
 
 
-@triton.jit(do_not_specialize=["seed", "step", "row0", "token_offset"])
+@triton.jit(do_not_specialize=["seed", "step", "row0", "token_offset", "pass0", "pos0"])
 def _gather_batch_kernel(
     tokens_ptr,
     x_ptr,
     y_ptr,
     starts_ptr,
     step_ptr,
+    doc_starts_ptr,
+    table_ptr,
     seed: tl.int64,
     step: tl.int64,
     row0: tl.int64,
@@ -186,10 +228,14 @@ def _gather_batch_kernel(
     slot_tokens: tl.int64,
     mix_rows: tl.int64,
     mix_first: tl.int64,
+    table_len: tl.int64,
+    pass0: tl.int64,
+    pos0: tl.int64,
+    num_visited: tl.int64,
     SAMPLING: tl.constexpr,
     CHUNKED: tl.constexpr,
     MIXED: tl.constexpr,
-    STARTS_GIVEN: tl.constexpr,
+    ALIGNED: tl.constexpr,
     STEP_FROM_PTR: tl.constexpr,
     WRITE_STARTS: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -218,9 +264,11 @@ def _gather_batch_kernel(
     # Scalar work per program (sm_90 PTX: 7 multiplies and one u64 remainder for random, 41 multiplies
     # for shuffle plus 12 per extra walk), redone by each column block rather than staged through
     # memory: cheaper than a second launch or a grid-wide barrier.
-    if STARTS_GIVEN:  # align='bos': the starts were drawn among document starts (gpuload/documents.py)
-        start_u = tl.load(starts_ptr + row).to(tl.uint64)
-        visit_u = tl.zeros((), tl.uint64)
+    if ALIGNED:  # align='bos': num_windows and feistel_half are those of the D usable document starts
+        start_u, visit_u = _aligned_start(
+            seed.to(tl.uint64), step_u, source_row, global_batch.to(tl.uint64), num_windows.to(tl.uint64),
+            feistel_half.to(tl.uint64), doc_starts_ptr, table_ptr, table_len, pass0.to(tl.uint64), pos0,
+            num_visited.to(tl.uint64), SAMPLING, CHUNKED)
     else:
         start_u, visit_u = _window_start(
             seed.to(tl.uint64), step_u, source_row, global_batch.to(tl.uint64),
@@ -270,11 +318,13 @@ def _block_size(batch: int, seq_len: int) -> int:
 
 def gather_batch_forward(tokens, x, y, starts, step_tensor, mode_id, seed, step, row0, global_batch, num_tokens,
                          seq_len, token_offset, block, chunking=None, num_slots=1, slot_tokens=0,
-                         starts_given=False, mixture=None):
+                         mixture=None, aligned=None):
     """Launch the kernel on validated arguments: `tokens` unsigned 1-D, `seed`/`step` as int64 bits,
-    `mixture` None or (rows of the whole batch, first slot of this source)."""
+    `mixture` None or (rows of the whole batch, first slot of this source), `aligned` None or (usable
+    document starts, pass table or None, its first pass, the position of the step's first row in it, K_E)."""
     num_col_blocks = triton.cdiv(seq_len, block)
-    num_windows = windows_per_epoch(num_tokens, seq_len)
+    # align='bos' samples among the D usable document starts where the other rules sample windows.
+    num_windows = windows_per_epoch(num_tokens, seq_len) if aligned is None else aligned[0].numel()
     batch = x.shape[0]
     if chunking is None:
         chunk_args = (0, 1, 1, 1, 1, 1, 1, 1)
@@ -289,20 +339,24 @@ def gather_batch_forward(tokens, x, y, starts, step_tensor, mode_id, seed, step,
     # seq_len on it); token loads stay scalar, since a window start has no known alignment, but each
     # warp instruction still covers one contiguous stretch.
     num_warps = max(1, min(8, block // 256))
+    doc_starts, table, pass0, pos0, num_visited = aligned if aligned is not None else (y, None, 0, 0, 0)
     _gather_batch_kernel[(batch * num_col_blocks,)](
         tokens, x, y,
         starts if starts is not None else y,
         step_tensor if step_tensor is not None else y,
+        doc_starts,
+        table if table is not None else y,
         seed, step, row0, global_batch, num_tokens, num_windows, seq_len,
         feistel_half_bits(num_windows) if chunking is None else num_windows_half,
         token_offset, tokens.numel(), num_col_blocks, *chunk_args, num_slots, slot_tokens,
         *(mixture if mixture is not None else (0, 0)),
+        table.shape[1] if table is not None else 0, pass0, pos0, num_visited,
         SAMPLING=mode_id,
         CHUNKED=chunking is not None,
         MIXED=mixture is not None,
-        STARTS_GIVEN=starts_given,
+        ALIGNED=aligned is not None,
         STEP_FROM_PTR=step_tensor is not None,
-        WRITE_STARTS=starts is not None and not starts_given,
+        WRITE_STARTS=starts is not None,
         BLOCK=block,
         MIX_BLOCK=_MIX_BLOCK,
         num_warps=num_warps,
@@ -327,14 +381,45 @@ def _check_out(name, out, shape, dtype, device):
     return out
 
 
+def _aligned_args(doc_starts, aligned_chunks, sampling, seed, step, step_tensor, global_batch, chunking, slot_tokens,
+                  device):
+    """gather_batch_forward's `aligned` for align='bos', after checking the arguments."""
+    if sampling not in ALIGNED_MODES:
+        raise ValueError(f"gather_batch_triton: align='bos' (doc_starts) works with sampling in {ALIGNED_MODES}, "
+                         f"found {sampling!r}")
+    if (not isinstance(doc_starts, torch.Tensor) or doc_starts.dim() != 1 or doc_starts.numel() == 0
+            or doc_starts.dtype != torch.int64 or doc_starts.device != device or not doc_starts.is_contiguous()):
+        found = (f"{tuple(doc_starts.shape)} {doc_starts.dtype} on {doc_starts.device}"
+                 if isinstance(doc_starts, torch.Tensor) else type(doc_starts).__name__)
+        raise ValueError(f"gather_batch_triton: doc_starts must be the usable document starts, a non-empty contiguous "
+                         f"1-D int64 tensor on {device}, found {found}")
+    if chunking is None:
+        if aligned_chunks is not None:
+            raise ValueError("gather_batch_triton: aligned_chunks is for a chunked ring; pass chunking= too")
+        return doc_starts, None, 0, 0, 0
+    if aligned_chunks is None or aligned_chunks.chunking != chunking or aligned_chunks.num_starts != doc_starts.numel():
+        raise ValueError("gather_batch_triton: align='bos' on a chunked ring needs aligned_chunks=, the "
+                         "documents.AlignedChunking of these doc_starts and this chunking")
+    if slot_tokens < aligned_chunks.span_tokens:
+        raise ValueError(f"gather_batch_triton: align='bos' on a chunked ring needs slots of at least "
+                         f"{aligned_chunks.span_tokens} tokens (C + T), found slot_tokens={slot_tokens}")
+    if step_tensor is not None:
+        raise ValueError("gather_batch_triton: align='bos' on a chunked ring takes an int step: its pass table "
+                         "is chosen on the host")
+    pass0, pos0 = aligned_chunks.locate(seed, step * global_batch)
+    table = aligned_chunks.pass_table(seed, pass0, device)
+    return doc_starts, table, pass0, pos0, aligned_chunks.num_visited
+
+
 def gather_batch_triton(tokens: torch.Tensor, sampling: str, seed: int, step, row0: int, batch: int,
                         global_batch: int, num_tokens: int, seq_len: int, out_x: torch.Tensor | None = None,
                         out_y: torch.Tensor | None = None, input_dtype: torch.dtype = torch.int64,
                         token_offset: int = 0, out_starts: torch.Tensor | None = None,
                         block_size: int | None = None, chunking: Chunking | None = None, num_slots: int = 1,
                         slot_tokens: int = 0, device: torch.device | None = None,
-                        starts: torch.Tensor | None = None,
-                        mixture: tuple[Sequence[int], int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                        mixture: tuple[Sequence[int], int] | None = None,
+                        doc_starts: torch.Tensor | None = None,
+                        aligned_chunks: AlignedChunking | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows row0 .. row0+batch-1 of the global batch at `step`, in one launch: (x (B, T), y (B, T)).
 
     `tokens` holds stream positions [token_offset, token_offset + len(tokens)) of a stream of
@@ -350,8 +435,11 @@ def gather_batch_triton(tokens: torch.Tensor, sampling: str, seed: int, step, ro
     slots of `slot_tokens` tokens: visit v's chunk j sits in slot v mod num_slots, stream position j*C
     at the slot's start (gpuload/ring.py keeps them there; `token_offset` must be 0).
 
-    `starts`, if given, is a (batch,) int64 tensor on the batch's device of stream positions to gather
-    instead of the sampled ones (align='bos'); the caller guarantees start + seq_len < num_tokens.
+    `doc_starts`, if given, selects align='bos' (gpuload/documents.py; random and shuffle): the sorted
+    usable document starts, 1-D int64 on the batch's device (`documents.usable_document_starts`: the
+    caller guarantees start + seq_len < num_tokens), read by the kernel; with `chunking`, `aligned_chunks`
+    (the `documents.AlignedChunking` of those starts and that chunking) must come too, and its pass
+    table is built on the host once per pass and copied to the device. `step` must then be an int.
 
     `device` is where the batch goes (default: the tokens' device). A CUDA device with `tokens` in
     pinned host memory is the zero-copy case: the kernel reads the host tokens through unified addressing.
@@ -427,17 +515,15 @@ def gather_batch_triton(tokens: torch.Tensor, sampling: str, seed: int, step, ro
 
     x = _check_out("out_x", out_x, (batch, seq_len), input_dtype, device)
     y = _check_out("out_y", out_y, (batch, seq_len), torch.int64, device)
-    if starts is not None:
-        if out_starts is not None or chunking is not None:
-            raise ValueError("gather_batch_triton: given starts exclude out_starts and chunking")
-        starts = _check_out("starts", starts, (batch,), torch.int64, device)
-    elif out_starts is not None:
-        starts = _check_out("out_starts", out_starts, (batch,), torch.int64, device)
-    starts_given = starts is not None and out_starts is None
+    starts = None if out_starts is None else _check_out("out_starts", out_starts, (batch,), torch.int64, device)
+    aligned = None
+    if doc_starts is not None or aligned_chunks is not None:
+        aligned = _aligned_args(doc_starts, aligned_chunks, sampling, seed, step_bits, step_tensor, global_batch,
+                                chunking, slot_tokens, device)
     tokens = tokens.view(_TOKEN_DTYPES[tokens.dtype])
     launch = (tokens, x, y, starts, step_tensor, SAMPLING_IDS[sampling], to_signed(int(seed)), step_bits, row0,
               global_batch, num_tokens, seq_len, token_offset, block_size, chunking, num_slots, slot_tokens,
-              starts_given, mix_args)
+              mix_args, aligned)
     if device.type == "cuda":
         # Triton launches on the current device; make it the batch's one.
         with torch.cuda.device(device):
