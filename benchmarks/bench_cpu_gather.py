@@ -5,6 +5,11 @@
 
 Providers run interleaved in rounds (each round times every provider on a block of batches), so drift
 on a noisy machine hits them alike; the table reports the median and p10-p90 over rounds.
+
+The `-aligned` providers start every row at a document (align="bos", bos_token = GPT-2's end of text,
+50256): the written file holds documents of random lengths (see `write_token_file`). Against
+`gpuload-<backend>` they price drawing starts among document starts; `-aligned-ring` does it with a
+ring of a quarter of the stream (the chunked rule of gpuload/documents.py: a pass table per step).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import tempfile
 import time
 
@@ -20,6 +26,25 @@ import numpy as np
 from gpuload import GPULoader, native
 from gpuload.bench.providers import nanogpt_get_batch
 from gpuload.machine import benchmark_result, machine_info, machine_line
+
+
+BOS = 50256  # GPT-2's <|endoftext|>, which llm.c and nanoGPT put between documents
+MEAN_DOC_TOKENS = 700  # web text is of this order; lengths are geometric around it
+
+
+def aligned_provider(path: str, batch_size: int, seq_len: int, **kwargs):
+    """next() of a BOS-aligned loader, after checking three of its batches against the file itself."""
+    ld = GPULoader(path, batch_size=batch_size, seq_len=seq_len, seed=0, rank=0, world_size=1, device="cpu",
+                   bos_token=BOS, align="bos", **kwargs)
+    stream = np.memmap(path, dtype=np.uint16, mode="r")
+    for step in range(3):
+        starts = ld.window_starts(step).numpy()
+        x, y = next(ld)
+        want = np.stack([stream[o:o + seq_len + 1] for o in starts]).astype(np.int64)
+        if not (np.array_equal(x.numpy(), want[:, :-1]) and np.array_equal(y.numpy(), want[:, 1:])
+                and (want[:, 0] == BOS).all()):
+            raise SystemExit(f"bench_cpu_gather: the aligned loader {kwargs} read other windows than its starts")
+    return ld.__next__
 
 
 def make_providers(path: str, batch_size: int, seq_len: int) -> dict:
@@ -34,6 +59,17 @@ def make_providers(path: str, batch_size: int, seq_len: int) -> dict:
                           batch_size=batch_size, seq_len=seq_len, sampling="random", seed=0, rank=0, world_size=1,
                           device="cpu", backend=backend)
         providers[f"gpuload-{backend}-mix3"] = mixed.__next__
+    # Rows starting at documents: random on each backend, shuffle, and a ring of a quarter of the stream.
+    aligned = {f"gpuload-{backend}-aligned": dict(backend=backend, sampling="random") for backend in backends}
+    if native.available():
+        aligned["gpuload-native-aligned-shuffle"] = dict(backend="native", sampling="shuffle")
+        aligned["gpuload-native-aligned-ring"] = dict(backend="native", sampling="random",
+                                                      ring_tokens=os.path.getsize(path) // 2 // 4)
+    for name, kwargs in aligned.items():
+        try:
+            providers[name] = aligned_provider(path, batch_size, seq_len, **kwargs)
+        except ValueError as e:  # --data without documents delimited by BOS
+            print(f"bench_cpu_gather: skipping {name}: {e}", file=sys.stderr)
     return providers
 
 
@@ -60,12 +96,17 @@ def quantile(values, q):
 
 
 def write_token_file(path: str, num_tokens: int) -> None:
-    """A headerless uint16 .bin as nanoGPT's prepare.py writes it, filled with random tokens."""
+    """A headerless uint16 .bin as nanoGPT's prepare.py writes it: documents of random tokens, each
+    starting with BOS, of geometric lengths with mean MEAN_DOC_TOKENS."""
     rng = np.random.default_rng(0)
     chunk = 1 << 24
     with open(path, "wb") as f:
         for start in range(0, num_tokens, chunk):
-            rng.integers(0, 50257, size=min(chunk, num_tokens - start), dtype=np.uint16).tofile(f)
+            tokens = rng.integers(0, BOS, size=min(chunk, num_tokens - start), dtype=np.uint16)
+            tokens[rng.random(tokens.size) < 1 / MEAN_DOC_TOKENS] = BOS
+            if start == 0:
+                tokens[0] = BOS
+            tokens.tofile(f)
 
 
 def main(argv=None) -> dict:
@@ -103,9 +144,9 @@ def main(argv=None) -> dict:
         })
     machine = machine_info()
     print(f"{num_tokens:,} tokens, B={args.batch_size}, T={args.seq_len}, {args.rounds} rounds x {args.per_round} batches")
-    print(f"{'provider':<16} {'median us':>10} {'p10-p90 us':>16} {'cpu us':>9} {'Mtok/s':>8} {'vs nanogpt':>11}")
+    print(f"{'provider':<30} {'median us':>10} {'p10-p90 us':>16} {'cpu us':>9} {'Mtok/s':>8} {'vs nanogpt':>11}")
     for r in rows:
-        print(f"{r['provider']:<16} {r['median_us']:>10.1f} {r['p10_us']:>7.1f}-{r['p90_us']:<8.1f} {r['cpu_us']:>9.1f} "
+        print(f"{r['provider']:<30} {r['median_us']:>10.1f} {r['p10_us']:>7.1f}-{r['p90_us']:<8.1f} {r['cpu_us']:>9.1f} "
               f"{r['tokens_per_s'] / 1e6:>8.1f} {r['speedup_vs_nanogpt']:>10.1f}x")
     print(machine_line(machine))
     return benchmark_result(

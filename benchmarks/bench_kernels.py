@@ -10,6 +10,10 @@ writes x and y (8 B + 8 B per token with int64 x); the copy floor is `copy_` of 
 x + y, which reads and writes those bytes (16 B + 16 B per token). "of copy" = gather GB/s / copy GB/s.
 `triton-random-mix3` is the batch of a three-source mixture (0.5/0.3/0.2): three launches, each ranking
 all B row hashes and writing its own rows; against `triton-random` it prices the mixture.
+`triton-aligned-random` / `-shuffle` start every row at a document (align="bos"): the kernel draws an
+index into the device-resident usable document starts and loads the start; against `triton-random` /
+`triton-shuffle` they price alignment. The stream holds documents of geometric lengths (mean 700
+tokens, or 1/64 of a --quick stream) starting with BOS = 50256.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from gpuload.machine import benchmark_result, machine_info, machine_line
 from gpuload.mixture import mixture_counts
 
 SAMPLINGS = ("random", "sequential", "shuffle")
+ALIGNED_SAMPLINGS = ("random", "shuffle")
+BOS = 50256  # GPT-2's <|endoftext|>
 
 
 def load_kernel(quick: bool):
@@ -75,15 +81,18 @@ def torch_gather(tokens, sampling, seed, step, batch, num_tokens, seq_len, input
     return window[:, :-1].to(input_dtype), window[:, 1:].contiguous()
 
 
-def reference_batch(cpu_tokens, sampling, seed, step, batch, seq_len, input_dtype, counts=None):
+def reference_batch(cpu_tokens, sampling, seed, step, batch, seq_len, input_dtype, counts=None, doc_starts=None):
     """gpuload's reference on the CPU: what every provider must produce (`counts`: a mixture whose
-    sources all read `cpu_tokens`)."""
+    sources all read `cpu_tokens`; `doc_starts`: align='bos' among these usable document starts)."""
+    from gpuload.documents import aligned_window_starts
     from gpuload.kernels.gather import gather_reference
     from gpuload.mixture import mixture_rows
     from gpuload.sampling import window_starts
 
     num_tokens = cpu_tokens.numel()
-    if counts is None:
+    if doc_starts is not None:
+        starts = aligned_window_starts(sampling, seed, step, torch.arange(batch), batch, doc_starts, num_tokens)
+    elif counts is None:
         starts = window_starts(sampling, seed, step, torch.arange(batch), batch, num_tokens, seq_len)
     else:
         source, index = mixture_rows(seed, step, counts)
@@ -111,9 +120,17 @@ def main(argv=None) -> dict:
     input_dtype = getattr(torch, args.x_dtype)
     x_bytes = input_dtype.itemsize
     gen = torch.Generator().manual_seed(0)
-    cpu_tokens = torch.randint(0, 50257, (args.stream_tokens,), generator=gen, dtype=torch.int32).to(torch.uint16)
+    cpu_tokens = torch.randint(0, BOS, (args.stream_tokens,), generator=gen, dtype=torch.int32)
+    mean_doc = min(700, args.stream_tokens // 64)
+    cpu_tokens[torch.rand(args.stream_tokens, generator=gen) < 1 / mean_doc] = BOS
+    cpu_tokens[0] = BOS
+    cpu_tokens = cpu_tokens.to(torch.uint16)
     tokens = cpu_tokens.to(device)
     num_tokens, seq_len, seed, step = tokens.numel(), args.seq_len, 1234, 7
+    from gpuload.documents import document_starts, usable_document_starts
+
+    doc_starts = usable_document_starts(document_starts(tokens, BOS), num_tokens, seq_len)
+    cpu_doc_starts = doc_starts.cpu()
 
     rows = []
     for batch in args.batch_sizes:
@@ -152,6 +169,16 @@ def main(argv=None) -> dict:
             want_x, want_y = reference_batch(cpu_tokens, "random", seed, step, batch, seq_len, input_dtype, counts)
             if not (torch.equal(x.cpu(), want_x) and torch.equal(y.cpu(), want_y)):
                 sys.exit(f"bench_kernels: triton-random-mix3 differs from the reference at B={batch}, T={seq_len}")
+        for sampling in ALIGNED_SAMPLINGS:
+            def aligned(s=sampling):
+                triton_gather.gather_batch_triton(tokens, s, seed, step, 0, batch, batch, num_tokens, seq_len,
+                                                  out_x=x, out_y=y, input_dtype=input_dtype, doc_starts=doc_starts)
+            aligned()
+            want_x, want_y = reference_batch(cpu_tokens, sampling, seed, step, batch, seq_len, input_dtype,
+                                             doc_starts=cpu_doc_starts)
+            if not (torch.equal(x.cpu(), want_x) and torch.equal(y.cpu(), want_y) and bool((want_x[:, 0] == BOS).all())):
+                sys.exit(f"bench_kernels: triton-aligned-{sampling} differs from the reference at B={batch}, T={seq_len}")
+            providers[f"triton-aligned-{sampling}"] = (aligned, gather_bytes)
         providers["torch-random"] = (
             lambda: torch_gather(tokens, "random", seed, step, batch, num_tokens, seq_len, input_dtype), gather_bytes)
 
@@ -171,10 +198,10 @@ def main(argv=None) -> dict:
 
     machine = machine_info()
     print(f"stream {num_tokens:,} uint16 tokens, T={seq_len}, x {args.x_dtype}, y int64")
-    print(f"{'provider':<18} {'B*T':>10} {'median ms':>10} {'p10-p90 ms':>19} {'GB/s':>8} {'of copy':>8} "
+    print(f"{'provider':<22} {'B*T':>10} {'median ms':>10} {'p10-p90 ms':>19} {'GB/s':>8} {'of copy':>8} "
           f"{'Gtok/s':>8} {'vs torch':>9}")
     for r in rows:
-        print(f"{r['provider']:<18} {r['tokens']:>10,} {r['median_ms']:>10.4f} {r['p10_ms']:>9.4f}-{r['p90_ms']:<9.4f} "
+        print(f"{r['provider']:<22} {r['tokens']:>10,} {r['median_ms']:>10.4f} {r['p10_ms']:>9.4f}-{r['p90_ms']:<9.4f} "
               f"{r['gb_per_s']:>8.1f} {r['of_copy']:>8.2f} {r['tokens_per_s'] / 1e9:>8.2f} "
               f"{r['speedup_vs_torch']:>8.1f}x")
     print(machine_line(machine))

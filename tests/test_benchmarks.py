@@ -4,6 +4,7 @@ import importlib.util
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -22,10 +23,32 @@ def test_bench_cpu_gather_quick(tmp_path, capsys):
     result = load_benchmark("bench_cpu_gather").main(["--quick", "--json", str(out)])
     providers = [row["provider"] for row in result["rows"]]
     assert providers[:2] == ["nanogpt", "gpuload-torch"]
+    assert "gpuload-torch-aligned" in providers
+    from gpuload import native
+
+    if native.available():
+        assert {"gpuload-native-aligned", "gpuload-native-aligned-shuffle", "gpuload-native-aligned-ring"} <= set(providers)
     assert json.loads(out.read_text())["rows"] == result["rows"]
     for row in result["rows"]:
         assert row["median_us"] > 0 and row["tokens_per_s"] > 0
     assert "vs nanogpt" in capsys.readouterr().out
+
+
+def test_aligned_providers_check_their_batches(tmp_path, monkeypatch):
+    bench = load_benchmark("bench_cpu_gather")
+    path = str(tmp_path / "train.bin")
+    bench.write_token_file(path, 200_000)
+    stream = np.memmap(path, dtype=np.uint16, mode="r")
+    assert stream[0] == bench.BOS and 100 < int((stream == bench.BOS).sum()) < 600  # documents of ~700 tokens
+    x, y = bench.aligned_provider(path, 4, 64, backend="torch", sampling="random")()
+    assert (x[:, 0] == bench.BOS).all() and torch.equal(x[:, 1:], y[:, :-1])
+    # A loader that reads other windows than its starts is refused before anything is timed.
+    from gpuload import GPULoader
+
+    real = GPULoader.window_starts
+    monkeypatch.setattr(GPULoader, "window_starts", lambda self, step: real(self, step) + 1)
+    with pytest.raises(SystemExit, match="read other windows"):
+        bench.aligned_provider(path, 4, 64, backend="torch", sampling="random")
 
 
 def test_nanogpt_provider_is_a_real_get_batch(tmp_path):

@@ -275,7 +275,8 @@ def test_bench_kernels_quick(tmp_path, capsys):
     out = tmp_path / "kernels.json"
     result = bench.main(["--quick", "--json", str(out)])
     assert {row["provider"] for row in result["rows"]} == {"copy", "triton-random", "triton-sequential",
-                                                            "triton-shuffle", "triton-random-mix3", "torch-random"}
+                                                            "triton-shuffle", "triton-random-mix3", "torch-random",
+                                                            "triton-aligned-random", "triton-aligned-shuffle"}
     assert json.loads(out.read_text())["rows"] == result["rows"]
     assert "of copy" in capsys.readouterr().out
 
