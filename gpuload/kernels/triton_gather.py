@@ -408,6 +408,8 @@ def _aligned_args(doc_starts, aligned_chunks, sampling, seed, step, step_tensor,
                          "is chosen on the host")
     pass0, pos0 = aligned_chunks.locate(seed, step * global_batch)
     table = aligned_chunks.pass_table(seed, pass0, device)
+    if device.type == "cuda":  # the cache frees it a pass later: not before this launch's stream is past it
+        table.record_stream(torch.cuda.current_stream(device))
     return doc_starts, table, pass0, pos0, aligned_chunks.num_visited
 
 
