@@ -9,7 +9,8 @@ on a noisy machine hits them alike; the table reports the median and p10-p90 ove
 The `-aligned` providers start every row at a document (align="bos", bos_token = GPT-2's end of text,
 50256): the written file holds documents of random lengths (see `write_token_file`). Against
 `gpuload-<backend>` they price drawing starts among document starts; `-aligned-ring` does it with a
-ring of a quarter of the stream (the chunked rule of gpuload/documents.py: a pass table per step).
+ring of a quarter of the stream (the chunked rule of gpuload/documents.py: a pass table per step; the
+native backend gathers from the memory maps, so no ring refill is timed).
 """
 
 from __future__ import annotations

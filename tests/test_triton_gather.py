@@ -277,6 +277,8 @@ def test_bench_kernels_quick(tmp_path, capsys):
     assert {row["provider"] for row in result["rows"]} == {"copy", "triton-random", "triton-sequential",
                                                             "triton-shuffle", "triton-random-mix3", "torch-random",
                                                             "triton-aligned-random", "triton-aligned-shuffle"}
+    for row in result["rows"]:
+        assert row["median_ms"] > 0 and row["gb_per_s"] > 0 and row["tokens_per_s"] > 0
     assert json.loads(out.read_text())["rows"] == result["rows"]
     assert "of copy" in capsys.readouterr().out
 
