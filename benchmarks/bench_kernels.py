@@ -25,6 +25,7 @@ import time
 
 import torch
 
+from gpuload.documents import document_starts, usable_document_starts
 from gpuload.machine import benchmark_result, machine_info, machine_line
 from gpuload.mixture import mixture_counts
 
@@ -127,8 +128,6 @@ def main(argv=None) -> dict:
     cpu_tokens = cpu_tokens.to(torch.uint16)
     tokens = cpu_tokens.to(device)
     num_tokens, seq_len, seed, step = tokens.numel(), args.seq_len, 1234, 7
-    from gpuload.documents import document_starts, usable_document_starts
-
     doc_starts = usable_document_starts(document_starts(tokens, BOS), num_tokens, seq_len)
     cpu_doc_starts = doc_starts.cpu()
 

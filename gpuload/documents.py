@@ -271,6 +271,12 @@ class AlignedChunking:
         first = step * self.chunking.global_batch
         return self.visit(seed, first), self.visit(seed, first + self.chunking.global_batch - 1)
 
+    def step_table(self, seed: int, step: int, device=None) -> tuple[int, int, torch.Tensor]:
+        """(pass0, pos0, pass_table(seed, pass0, device)) for `step`: the pass and position of its first row's
+        visit, from which the kernel and the native code place every row of the step."""
+        pass0, pos0 = self.locate(seed, step * self.chunking.global_batch)
+        return pass0, pos0, self.pass_table(seed, pass0, device)
+
     def pass_table(self, seed: int, epoch: int, device=None) -> torch.Tensor:
         """int64 (4, 2*K_E + 1) on `device` (default CPU): cum, P_j, D_j and feistel_half_bits(D_j) by position
         over passes epoch and epoch + 1 laid end to end (the second pass's cum offset by D), cum ending at 2D:

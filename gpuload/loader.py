@@ -460,8 +460,8 @@ class GPULoader:
         """align='bos' window starts of `source`'s rows `rows` at `step` into `out`, in C++ (csrc/sampling.h)."""
         table, pass0, pos0, visited = None, 0, 0, 0
         if source.aligned is not None:  # a chunked ring: the pass table the Triton kernel reads too
-            pass0, pos0 = source.aligned.locate(self.seed, step * source.rows)
-            table, visited = source.aligned.pass_table(self.seed, pass0).numpy(), source.aligned.num_visited
+            pass0, pos0, table = source.aligned.step_table(self.seed, step)
+            table, visited = table.numpy(), source.aligned.num_visited
         native.module().aligned_starts(SAMPLING_IDS[self.sampling], self.seed & MASK64, step, rows, source.rows,
                                        source.doc_starts.numpy(), table, pass0, pos0, visited, out)
 

@@ -391,8 +391,8 @@ def test_native_aligned_starts_equal_torch(mode, chunked):
             rows = np.arange(G, dtype=np.int64)
             table, pass0, pos0 = None, 0, 0
             if chunked:
-                pass0, pos0 = chunks.locate(seed, step * G)
-                table = chunks.pass_table(seed, pass0).numpy()
+                pass0, pos0, table = chunks.step_table(seed, step)
+                table = table.numpy()
             native.module().aligned_starts(SAMPLING_IDS[mode], seed, step, rows, G, usable.numpy(), table, pass0,
                                            pos0, chunks.num_visited, out)
             want = aligned_window_starts(mode, seed, step, torch.from_numpy(rows), G, usable, len(stream),

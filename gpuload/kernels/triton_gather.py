@@ -381,8 +381,7 @@ def _check_out(name, out, shape, dtype, device):
     return out
 
 
-def _aligned_args(doc_starts, aligned_chunks, sampling, seed, step, step_tensor, global_batch, chunking, slot_tokens,
-                  device):
+def _aligned_args(doc_starts, aligned_chunks, sampling, seed, step, step_tensor, chunking, slot_tokens, device):
     """gather_batch_forward's `aligned` for align='bos', after checking the arguments."""
     if sampling not in ALIGNED_MODES:
         raise ValueError(f"gather_batch_triton: align='bos' (doc_starts) works with sampling in {ALIGNED_MODES}, "
@@ -406,8 +405,7 @@ def _aligned_args(doc_starts, aligned_chunks, sampling, seed, step, step_tensor,
     if step_tensor is not None:
         raise ValueError("gather_batch_triton: align='bos' on a chunked ring takes an int step: its pass table "
                          "is chosen on the host")
-    pass0, pos0 = aligned_chunks.locate(seed, step * global_batch)
-    table = aligned_chunks.pass_table(seed, pass0, device)
+    pass0, pos0, table = aligned_chunks.step_table(seed, step, device)
     if device.type == "cuda":  # the cache frees it a pass later: not before this launch's stream is past it
         table.record_stream(torch.cuda.current_stream(device))
     return doc_starts, table, pass0, pos0, aligned_chunks.num_visited
@@ -520,8 +518,8 @@ def gather_batch_triton(tokens: torch.Tensor, sampling: str, seed: int, step, ro
     starts = None if out_starts is None else _check_out("out_starts", out_starts, (batch,), torch.int64, device)
     aligned = None
     if doc_starts is not None or aligned_chunks is not None:
-        aligned = _aligned_args(doc_starts, aligned_chunks, sampling, seed, step_bits, step_tensor, global_batch,
-                                chunking, slot_tokens, device)
+        aligned = _aligned_args(doc_starts, aligned_chunks, sampling, seed, step_bits, step_tensor, chunking,
+                                slot_tokens, device)
     tokens = tokens.view(_TOKEN_DTYPES[tokens.dtype])
     launch = (tokens, x, y, starts, step_tensor, SAMPLING_IDS[sampling], to_signed(int(seed)), step_bits, row0,
               global_batch, num_tokens, seq_len, token_offset, block_size, chunking, num_slots, slot_tokens,
