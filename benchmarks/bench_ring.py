@@ -49,12 +49,14 @@ def refill_rate(paths, device, placement, ring_tokens, seq_len, batch_size) -> d
     first_steps = [int(v * steps_per_chunk + 0.999999) for v in range(chunking.num_chunks)]
     itemsize = source.stream.dtype.itemsize
     loaded = sum(chunking.chunk_length(v) for v in range(chunking.num_chunks)) * itemsize
-    ring.acquire(0)  # allocation and thread start outside the timing
-    ring.acquire(first_steps[1])
+    for step in (0, first_steps[1]):  # allocation and thread start outside the timing
+        ring.acquire(step)
+        ring.release(step)
     sync(device)
     t0 = time.perf_counter()
     for step in first_steps[2:]:
         ring.acquire(step)
+        ring.release(step)
     sync(device)
     seconds = time.perf_counter() - t0
     loaded -= (chunking.chunk_length(0) + chunking.chunk_length(1)) * itemsize

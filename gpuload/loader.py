@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from gpuload import native
+from gpuload.cuda import capture_error, resolve_device
 from gpuload.documents import (AlignedChunking, aligned_window_starts_and_visits, doc_info_reference, document_starts,
                                usable_document_starts)
 from gpuload.kernels.gather import gather_reference
@@ -187,7 +188,8 @@ class GPULoader:
         self.rank, self.world_size = rank, world_size
         self.global_batch = world_size * batch_size
         self.input_dtype = input_dtype
-        self.device = torch.device(device) if device is not None else default_device()
+        # Always with an index on CUDA: every device check compares against the tensors' own cuda:N.
+        self.device = resolve_device(default_device() if device is None else device)
         self.placement, self.static_buffers, self.loop = placement, bool(static_buffers), bool(loop)
         self.bos_token, self.doc_info, self.align = bos_token, bool(doc_info), align
         self.step = 0
@@ -405,6 +407,10 @@ class GPULoader:
         if self._closed or any(reader is None for reader in readers):
             raise RuntimeError("the loader is closed; create a new GPULoader (and load_state_dict) to go on")
         check_domain(step, self.global_batch, self.num_tokens)
+        if self.device.type == "cuda":
+            with torch.cuda.device(self.device):
+                if torch.cuda.is_current_stream_capturing():
+                    raise capture_error("next()")
         if self.backend == "native":
             return self._produce_native(step, readers)
         if self.backend == "triton":
@@ -471,14 +477,17 @@ class GPULoader:
         x, y = self._out if self._out is not None else self._outputs(self.device)
         for k, (source, ring) in enumerate(zip(self.sources, rings)):
             tokens = ring.acquire(step)
-            layout = source.layout
-            # One launch per source; with a mixture each writes only the rows the step gives its source.
-            gather_batch_triton(tokens, self.sampling, self.seed, step, self.rank * self.batch_size, self.batch_size,
-                                source.rows, source.num_tokens, self.seq_len, x, y, self.input_dtype,
-                                chunking=layout.chunking, num_slots=layout.num_slots, slot_tokens=layout.slot_tokens,
-                                device=self.device, mixture=(self.counts, k) if self.mixed else None,
-                                doc_starts=source.doc_starts, aligned_chunks=source.aligned)
-            ring.release(step)
+            try:
+                layout = source.layout
+                # One launch per source; with a mixture each writes only the rows the step gives its source.
+                gather_batch_triton(tokens, self.sampling, self.seed, step, self.rank * self.batch_size,
+                                    self.batch_size, source.rows, source.num_tokens, self.seq_len, x, y,
+                                    self.input_dtype, chunking=layout.chunking, num_slots=layout.num_slots,
+                                    slot_tokens=layout.slot_tokens, device=self.device,
+                                    mixture=(self.counts, k) if self.mixed else None,
+                                    doc_starts=source.doc_starts, aligned_chunks=source.aligned)
+            finally:
+                ring.release(step)
         return x, y
 
     def _produce_torch(self, step: int, rings: list[Ring]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -486,13 +495,16 @@ class GPULoader:
         parts = []
         for k, (source, ring) in enumerate(zip(self.sources, rings)):
             tokens = ring.acquire(step)
-            rows = torch.nonzero(which == k).flatten() if self.mixed else None
-            if rows is None or rows.numel():
-                starts, visits = self._source_starts(source, step, index if rows is None else index[rows])
-                positions = ring.ring_positions(starts, visits).to(tokens.device)
-                bounds = torch.tensor([0, tokens.numel()], device=tokens.device)
-                parts.append((rows, *gather_reference([tokens], bounds, positions, self.seq_len, self.input_dtype)))
-            ring.release(step)
+            try:
+                rows = torch.nonzero(which == k).flatten() if self.mixed else None
+                if rows is None or rows.numel():
+                    starts, visits = self._source_starts(source, step, index if rows is None else index[rows])
+                    positions = ring.ring_positions(starts, visits).to(tokens.device)
+                    bounds = torch.tensor([0, tokens.numel()], device=tokens.device)
+                    parts.append((rows, *gather_reference([tokens], bounds, positions, self.seq_len,
+                                                          self.input_dtype)))
+            finally:
+                ring.release(step)
         if not self.mixed:
             return self._to_device(*parts[0][1:])
         # Zero-copy placement: the torch reference reads the host ring, and the rows meet on the host.

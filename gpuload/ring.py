@@ -11,11 +11,15 @@ Layout. `plan_ring` picks one of two layouts:
   With align='bos' (`documents.AlignedChunking`) the visits follow the document starts: a visit loads
   the C + T tokens from its chunk's start, and a step reads at most 4 visits (checked when built).
 
-Placement on CUDA: "device" keeps a device copy of every slot, refreshed by async copies from the
-pinned host slot on a side stream (the gather waits on the copy's event; the filler waits on the
-gather's event before reusing the slot); "zero-copy" lets the kernel read the pinned host slots through
-unified addressing (the filler waits on the gather's event before overwriting). On the CPU the ring is
-ordinary memory and the gather reads it in place.
+Placement on CUDA: "device" keeps the slots in device memory, refreshed on a side stream by async
+copies through two pinned 16 MiB staging buffers (a read into one overlaps the copy out of the other),
+so the host pins 32 MiB whatever the ring's size; the gather waits on the copy's event, and the copies
+wait on the event of the last gather that read the slot. "zero-copy" keeps the slots in pinned host
+memory (exactly the ring's pages, gpuload/cuda.py's PinnedHost) that the kernel reads through unified
+addressing; the filler waits for the last gather that read a slot before overwriting it. A whole-stream
+fill completes on the device before the first batch reads it (the filler waits for its copies), so
+whole-stream gathers wait on nothing. On the CPU the ring is ordinary memory read in place. Every CUDA
+call goes through one `gpuload.cuda.CudaOps`; the filler thread sets its device and capture mode first.
 
 Faults. An exception in the filler (a shard deleted or truncated, a read error) is raised by the next
 `acquire()`, i.e. the loader's next `next()`. The filler is a daemon thread that holds no reference to
@@ -27,6 +31,7 @@ from __future__ import annotations
 import atexit
 import os
 import threading
+import warnings
 import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
@@ -34,6 +39,7 @@ from typing import TYPE_CHECKING, Optional
 import numpy as np
 import torch
 
+from gpuload.cuda import CudaOps, capture_error
 from gpuload.sampling import Chunking
 from gpuload.shards import TokenStream
 
@@ -46,6 +52,7 @@ PAGE_BYTES = 4096
 FILL_PIECE_BYTES = 16 << 20  # one read and one H2D copy; small enough for a prompt stop, large enough for bulk speed
 DEFAULT_RING_BYTES = 4 << 30
 WAIT_POLL_S = 0.2
+CLOSE_WAIT_S = 60.0  # close() waits this long for a next() in flight before leaving the memory to the GC
 
 _TORCH_TOKEN_DTYPES = {np.dtype(np.uint16): torch.uint16, np.dtype(np.uint32): torch.uint32}
 
@@ -109,8 +116,48 @@ def _stop_fillers_at_exit() -> None:
         filler.stop()
 
 
-def _allocate_host(count: int, dtype: torch.dtype, pinned: bool) -> torch.Tensor:
-    return torch.empty(count, dtype=dtype, pin_memory=pinned)
+class _HostMemory:
+    """Unpinned host memory for a ring on the CPU: the same interface as gpuload.cuda.PinnedHost."""
+
+    def __init__(self, count: int, dtype: torch.dtype):
+        self.tensor: Optional[torch.Tensor] = torch.empty(count, dtype=dtype)
+        self.nbytes = count * dtype.itemsize
+
+    def release(self) -> None:
+        self.tensor = None
+
+
+def _allocate_host(count: int, dtype: torch.dtype, ops: Optional[CudaOps]):
+    """Host memory for `count` tokens: pinned through `ops` on CUDA, ordinary on the CPU."""
+    return _HostMemory(count, dtype) if ops is None else ops.pin(count, dtype)
+
+
+class _Staging:
+    """Two pinned buffers the filler stages device-placement copies through: a read into one overlaps the
+    copy out of the other, and a buffer is refilled only once its previous copy has completed."""
+
+    def __init__(self, ops: CudaOps, piece_tokens: int, dtype: torch.dtype):
+        self.buffers = [ops.pin(piece_tokens, dtype) for _ in range(2)]
+        self.copied: list = [None, None]  # the event after the last copy out of each buffer
+        self.turn = 0
+
+    def take(self) -> tuple[int, torch.Tensor]:
+        """(index, tensor) of the next buffer, once no copy reads it any more."""
+        i, self.turn = self.turn, self.turn ^ 1
+        if self.copied[i] is not None:
+            self.copied[i].synchronize()
+        return i, self.buffers[i].tensor
+
+    def drain(self) -> None:
+        """Wait for every copy out of the buffers."""
+        for event in self.copied:
+            if event is not None:
+                event.synchronize()
+
+    def release(self) -> None:
+        for buffer in self.buffers:
+            buffer.release()
+        self.buffers = []
 
 
 class _Filler:
@@ -119,7 +166,8 @@ class _Filler:
     def __init__(self, ring: "Ring", first_visit: int):
         self.stream, self.layout = ring.stream, ring.layout
         self.sampling, self.seed, self.aligned = ring.sampling, ring.seed, ring.aligned
-        self.host, self.device_ring, self.side_stream = ring.host, ring.device_ring, ring.side_stream
+        self.ops, self.side_stream = ring.ops, ring.side_stream
+        self.host, self.device_ring, self.staging = ring.host, ring.device_ring, ring.staging
         self.slot_read, self.slot_copied = ring.slot_read, ring.slot_copied
         self.cond = threading.Condition()
         self.low = first_visit       # the consumer's lowest visit still needed; slots of older visits are free
@@ -132,6 +180,8 @@ class _Filler:
 
     def _run(self, visit: int) -> None:
         try:
+            if self.ops is not None:
+                self.ops.enter_thread(self.side_stream)
             whole = self.layout.chunking is None
             while True:
                 with self.cond:
@@ -141,6 +191,11 @@ class _Filler:
                         return
                 if not self._fill(visit):
                     return
+                if whole and self.staging is not None:
+                    # The stream is on the device for good: no gather needs to wait for it, and the
+                    # staging buffers go back once their last copies are done.
+                    self.staging.drain()
+                    self.staging.release()
                 with self.cond:
                     self.ready = visit
                     self.cond.notify_all()
@@ -167,29 +222,31 @@ class _Filler:
         start, count = self._chunk_span(visit)
         if self.layout.chunking is not None:
             self.stream.advise(*self._chunk_span(visit + 1))  # disk readahead for the next visit while this one reads
-        # The gathers that read this slot's previous visit must be done before it is overwritten.
-        if self.slot_read[slot] is not None:
-            if self.device_ring is None:
-                self.slot_read[slot].synchronize()
-            else:
-                self.side_stream.wait_event(self.slot_read[slot])
-        if self.slot_copied[slot] is not None:
-            self.slot_copied[slot].synchronize()  # the host slot is the source of an H2D copy still in flight
         base = slot * self.layout.slot_tokens
-        piece = max(1, FILL_PIECE_BYTES // self.host.element_size())
+        piece = max(1, FILL_PIECE_BYTES // self.stream.dtype.itemsize)
+        last_read = self.slot_read[slot]  # the gathers that read this slot's previous visit
+        if self.device_ring is None:
+            if last_read is not None:
+                last_read.synchronize()  # zero-copy: they read the host slot about to be overwritten
+            for offset in range(0, count, piece):
+                if self.stopped:
+                    return False
+                n = min(piece, count - offset)
+                self.stream.read_into(self.host[base + offset:base + offset + n].numpy(), start + offset)
+            return True
+        if last_read is not None:
+            self.side_stream.wait_event(last_read)  # the copies below queue behind them on the device
         for offset in range(0, count, piece):
             if self.stopped:
                 return False
             n = min(piece, count - offset)
-            host_part = self.host[base + offset:base + offset + n]
-            self.stream.read_into(host_part.numpy(), start + offset)
-            if self.device_ring is not None:
-                with torch.cuda.stream(self.side_stream):
-                    self.device_ring[base + offset:base + offset + n].copy_(host_part, non_blocking=True)
-        if self.device_ring is not None:
-            copied = torch.cuda.Event()
+            i, buffer = self.staging.take()
+            self.stream.read_into(buffer[:n].numpy(), start + offset)
+            self.ops.copy_async(self.device_ring[base + offset:base + offset + n], buffer[:n])
+            copied = self.ops.new_event()
             copied.record(self.side_stream)
-            self.slot_copied[slot] = copied
+            self.staging.copied[i] = copied
+        self.slot_copied[slot] = copied if count else None
         return True
 
     def release_below(self, visit: int) -> None:
@@ -218,49 +275,74 @@ class _Filler:
 
 
 class Ring:
-    """Stream tokens resident for the gather: `acquire(step)` -> the tensor to read, `release(step)` after the launch."""
+    """Stream tokens resident for the gather: `acquire(step)` -> the tensor to read, then `release(step)`
+    once the gather is queued (always, in a `finally`: close() waits for the reader in between)."""
 
     def __init__(self, stream: TokenStream, layout: RingLayout, sampling: str, seed: int, device: torch.device,
-                 placement: str = "device", aligned: Optional["AlignedChunking"] = None):
+                 placement: str = "device", aligned: Optional["AlignedChunking"] = None,
+                 ops: Optional[CudaOps] = None):
         if placement not in PLACEMENTS:
             raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
         if aligned is not None and aligned.chunking != layout.chunking:
             raise ValueError("Ring: the AlignedChunking was built for another chunking than the layout's")
+        if device.type == "cuda" and device.index is None:
+            raise ValueError(f"Ring: a CUDA device needs its index (gpuload.cuda.resolve_device), found {device}")
         self.stream, self.layout, self.sampling, self.seed = stream, layout, sampling, seed
         self.aligned = aligned  # align='bos' on a chunked ring: visits follow the document starts
         self.device, self.placement = device, placement
-        cuda = device.type == "cuda"
+        # Every CUDA call of the ring goes through `ops` (tests pass a stand-in); None on the CPU.
+        self.ops = ops if ops is not None else (CudaOps(device) if device.type == "cuda" else None)
         dtype = _TORCH_TOKEN_DTYPES[stream.dtype]
         nbytes = layout.ring_tokens * stream.dtype.itemsize
+        self.host: Optional[torch.Tensor] = None
         self.device_ring: Optional[torch.Tensor] = None
         self.side_stream = None
-        if cuda and placement == "device":
-            free, _ = torch.cuda.mem_get_info(device)
-            if nbytes > free // 2:
-                raise ValueError(
-                    f"the ring ({nbytes / 2**30:.2f} GiB) is more than half of the {free / 2**30:.2f} GiB free on "
-                    f"{device}: pass a smaller ring_tokens= (now {layout.ring_tokens}), or placement='zero-copy' to "
-                    f"keep the ring in pinned host memory")
-            self.device_ring = torch.empty(layout.ring_tokens, dtype=dtype, device=device)
-            self.side_stream = torch.cuda.Stream(device)
-        try:
-            self.host = _allocate_host(layout.ring_tokens, dtype, pinned=cuda)
-        except RuntimeError as e:
-            raise MemoryError(
-                f"could not allocate the ring: {layout.ring_tokens} tokens ({nbytes / 2**30:.2f} GiB) of "
-                f"{'pinned (page-locked) ' if cuda else ''}host memory ({e}). Pass a smaller ring_tokens= to GPULoader "
-                f"(at least {NUM_SLOTS} slots of one global batch of windows), or free host memory.") from e
-        # Per slot: the event after the last gather that read it, and (device placement) after its H2D copy.
+        self._host_memory = None
+        self.staging: Optional[_Staging] = None
+        # Per slot: the event after the last gather that read it, and (device placement) after its copies.
         self.slot_read: list = [None] * layout.num_slots
         self.slot_copied: list = [None] * layout.num_slots
         self.filler: Optional[_Filler] = None
         self.closed = False
         self._lifecycle = threading.Lock()  # no filler starts once close() has begun
+        self._reading = threading.Lock()    # held from acquire() to release(): close() frees nothing in between
+        if self.ops is not None and placement == "device":
+            free = self.ops.free_bytes()
+            if nbytes > free // 2:
+                raise ValueError(
+                    f"the ring ({nbytes / 2**30:.2f} GiB) is more than half of the {free / 2**30:.2f} GiB free on "
+                    f"{device}: pass a smaller ring_tokens= (now {layout.ring_tokens}), or placement='zero-copy' to "
+                    f"keep the ring in pinned host memory")
+            self.device_ring = self.ops.device_tokens(layout.ring_tokens, dtype)
+            self.side_stream = self.ops.new_stream()
+        piece = min(layout.ring_tokens, FILL_PIECE_BYTES // stream.dtype.itemsize)
+        count = 2 * piece if self.device_ring is not None else layout.ring_tokens
+        try:
+            if self.device_ring is not None:
+                self.staging = _Staging(self.ops, piece, dtype)
+            else:
+                self._host_memory = _allocate_host(layout.ring_tokens, dtype, self.ops)
+                self.host = self._host_memory.tensor
+        except (RuntimeError, MemoryError) as e:
+            raise MemoryError(
+                f"could not allocate the ring: {count} tokens ({count * stream.dtype.itemsize / 2**30:.2f} GiB) of "
+                f"{'pinned (page-locked) ' if self.ops is not None else ''}host memory ({e}). Pass a smaller "
+                f"ring_tokens= to GPULoader (at least {NUM_SLOTS} slots of one global batch of windows), or free "
+                f"host memory.") from e
 
     @property
-    def tokens(self) -> torch.Tensor:
+    def tokens(self) -> Optional[torch.Tensor]:
         """What the gather reads: the device ring, or the host ring (zero-copy on CUDA, in place on the CPU)."""
         return self.device_ring if self.device_ring is not None else self.host
+
+    def pinned_bytes(self) -> int:
+        """Host bytes this ring keeps page-locked now (0 on the CPU)."""
+        if self.ops is None:
+            return 0
+        buffers = self.staging.buffers if self.staging is not None else []
+        if self._host_memory is not None:
+            buffers = buffers + [self._host_memory]
+        return sum(buffer.nbytes for buffer in buffers)
 
     def visits(self, step: int) -> tuple[int, int]:
         chunking = self.layout.chunking
@@ -271,39 +353,46 @@ class Ring:
         return chunking.step_visits(self.sampling, step)
 
     def acquire(self, step: int) -> torch.Tensor:
-        """Wait until every token step `step` reads is resident; the returned tensor is safe to read on the current stream."""
-        first, last = self.visits(step)
-        filler = self.filler
-        # A jump backwards (resume) or far ahead restarts the fill at the step's first visit.
-        if filler is None or first < filler.low or first > max(filler.ready, filler.low) + self.layout.num_slots:
-            filler = self._restart(first)
-        filler.release_below(first)
-        filler.wait_ready(last, f"the tokens of step {step}")
-        if self.device_ring is not None:
-            if self.layout.chunking is None and self.host is not None:
-                # The whole stream is on the device for good: free its pinned staging copy.
-                self.slot_copied[0].synchronize()
-                self.host = filler.host = None
-            else:
-                current = torch.cuda.current_stream(self.device)
+        """Wait until every token step `step` reads is resident; the returned tensor is safe to read on the
+        current stream until `release(step)`, which must follow (also when the read fails)."""
+        if not self._reading.acquire(blocking=False):
+            raise RuntimeError("the ring is already being read: a next() is running in another thread (one loader "
+                               "serves one thread), or acquire() was not followed by release()")
+        try:
+            if self.ops is not None and self.layout.chunking is not None and self.ops.capturing():
+                raise capture_error("next() on a ring smaller than the stream")
+            first, last = self.visits(step)
+            filler = self.filler
+            # A jump backwards (resume) or far ahead restarts the fill at the step's first visit.
+            if filler is None or first < filler.low or first > max(filler.ready, filler.low) + self.layout.num_slots:
+                filler = self._restart(first)
+            filler.release_below(first)
+            filler.wait_ready(last, f"the tokens of step {step}")
+            if self.device_ring is not None and self.layout.chunking is not None:
+                current = self.ops.current_stream()
                 for visit in range(first, last + 1):
                     copied = self.slot_copied[visit % self.layout.num_slots]
                     if copied is not None:
                         current.wait_event(copied)
-        tokens = self.tokens
-        if tokens is None:
-            raise RuntimeError("the loader was closed while next() ran; create a new GPULoader to go on")
-        return tokens
+            tokens = self.tokens
+            if tokens is None or self.closed:
+                raise RuntimeError("the loader was closed while next() ran; create a new GPULoader to go on")
+            return tokens
+        except BaseException:
+            self._reading.release()
+            raise
 
     def release(self, step: int) -> None:
-        """Mark the slots of `step` as read by the work just queued on the current stream (CUDA)."""
-        if self.device.type != "cuda":
-            return
-        first, last = self.visits(step)
-        read = torch.cuda.Event()
-        read.record(torch.cuda.current_stream(self.device))
-        for visit in range(first, last + 1):
-            self.slot_read[visit % self.layout.num_slots] = read
+        """After the reads of `step` are queued on the current stream: mark its slots as read by them (CUDA)."""
+        try:
+            if self.ops is not None:  # also once close() has begun: it waits for this event before freeing
+                first, last = self.visits(step)
+                read = self.ops.new_event()
+                read.record(self.ops.current_stream())
+                for visit in range(first, last + 1):
+                    self.slot_read[visit % self.layout.num_slots] = read
+        finally:
+            self._reading.release()
 
     def ring_positions(self, starts: torch.Tensor, visits: Optional[torch.Tensor]) -> torch.Tensor:
         """Where each window start `starts` (stream positions) of visit `visits` lies in the ring.
@@ -332,18 +421,45 @@ class Ring:
         self.seed = seed
 
     def close(self) -> None:
-        """Stop the filler and free the ring (pinned memory included) once queued gathers are done."""
+        """Stop the filler and free the ring (pinned memory included) once the work queued on it is done:
+        a next() in flight finishes first, then the side stream's copies (which write the device ring and
+        read the staging buffers) and the gathers that read the slots."""
         with self._lifecycle:
             self.closed = True
         if self.filler is not None:
-            self.filler.stop()
+            self.filler.stop()  # wakes a next() waiting for a fill: it raises 'closed' and releases
             self.filler = None
-        for event in self.slot_read:
-            if event is not None:
-                event.synchronize()
+        if not self._reading.acquire(timeout=CLOSE_WAIT_S):
+            warnings.warn(f"gpuload: a next() held the ring for over {CLOSE_WAIT_S:.0f} s during close(); its memory "
+                          f"is left to the garbage collector", RuntimeWarning, stacklevel=2)
+            return
+        try:
+            self._free()
+        finally:
+            self._reading.release()
+
+    def _free(self) -> None:
+        if self.ops is not None:
+            if self.side_stream is not None:
+                self.side_stream.synchronize()
+            for event in self.slot_read:
+                if event is not None:
+                    event.synchronize()
+        if self.staging is not None:
+            self.staging.release()
+            self.staging = None
+        if self._host_memory is not None:
+            self._host_memory.release()
+            self._host_memory = None
         self.host = self.device_ring = None
 
     def __del__(self):
         filler = getattr(self, "filler", None)
         if filler is not None:
             filler.stop()
+        if getattr(self, "closed", True):
+            return
+        try:
+            self._free()  # an unclosed ring: its pinned memory goes back once the queued work is done
+        except Exception:  # CUDA may already be shut down at interpreter exit
+            pass

@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from gpuload.cuda import resolve_device
 from gpuload.documents import ALIGNED_MODES, SALT_ALIGNED_RANDOM, AlignedChunking
 from gpuload.mixture import SALT_MIXTURE
 from gpuload.sampling import (FEISTEL_ROUNDS, MIX_C1, MIX_C2, SALT_CHUNKS, SALT_RANDOM, SALT_SHUFFLE, SAMPLING_IDS,
@@ -456,7 +457,7 @@ def gather_batch_triton(tokens: torch.Tensor, sampling: str, seed: int, step, ro
                          f"of one), found {found}")
     if tokens.stride(0) != 1:
         raise ValueError("gather_batch_triton: tokens must be contiguous (stride 1); pass tokens.contiguous()")
-    device = tokens.device if device is None else torch.device(device)
+    device = tokens.device if device is None else resolve_device(device)
     if device != tokens.device and not (device.type == "cuda" and tokens.device.type == "cpu" and tokens.is_pinned()):
         raise ValueError(f"gather_batch_triton: tokens on {tokens.device} cannot be read by a kernel on {device}; "
                          f"pass tokens on {device}, or in pinned host memory (tensor.pin_memory()) for zero-copy")

@@ -1,0 +1,303 @@
+"""gpuload/cuda.py and the ring's CUDA path on the CPU: device names, exact pinned memory, the filler
+thread's setup, and the ordering of copies, gathers and close() against a stand-in that runs queued
+work late (tests/fake_cuda.py). tests/test_gpu.py runs the same paths on a real GPU."""
+
+import contextlib
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from gpuload import GPULoader
+from gpuload import cuda as cuda_module
+from gpuload.cuda import PAGE_BYTES, CudaOps, PinnedHost, resolve_device
+from gpuload.kernels.gather import gather_reference
+from gpuload.ring import FILL_PIECE_BYTES, Ring, plan_ring
+from gpuload.sampling import window_starts_and_visits
+from gpuload.shards import TokenStream
+from fake_cuda import FakeGPU
+
+N, T, G = 6000, 8, 4
+SMALL_RING = 4096  # uint32: 4 slots of 1024 tokens, chunks of 127 windows
+
+
+@pytest.fixture
+def two_gpus(monkeypatch):
+    """torch.cuda as on a machine with two GPUs, current device 0 (nothing else of CUDA works)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+
+
+def test_resolve_device_always_names_the_cuda_index(two_gpus):
+    assert resolve_device("cuda") == torch.device("cuda", 0)
+    assert resolve_device(torch.device("cuda")) == torch.device("cuda", 0)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match=r"2 CUDA device\(s\): use cuda:0 .. cuda:1"):
+        resolve_device("cuda:2")
+    with pytest.raises(ValueError, match="not a device name"):
+        resolve_device("gpu0")
+
+
+def test_resolve_device_without_cuda_says_so(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="CUDA is not available here .* device='cpu'"):
+        resolve_device("cuda")
+
+
+def test_loader_on_plain_cuda_holds_an_indexed_device(two_gpus, make_shards):
+    # The native backend builds nothing on the device, so it constructs here; every backend shares the rule.
+    pytest.importorskip("gpuload._native")
+    ld = GPULoader(make_shards([N]), batch_size=G, seq_len=T, device="cuda", backend="native", rank=0, world_size=1)
+    assert ld.device == torch.device("cuda", 0) and ld.device.index == 0
+
+
+def test_a_ring_refuses_an_unindexed_cuda_device(make_shards):
+    stream = TokenStream(make_shards([N]))
+    with pytest.raises(ValueError, match="needs its index"):
+        Ring(stream, plan_ring(N, 4, T, G, None), "random", 0, torch.device("cuda"), ops=FakeGPU())
+
+
+def test_next_inside_a_graph_capture_is_refused(two_gpus, make_shards, monkeypatch):
+    pytest.importorskip("gpuload._native")
+    ld = GPULoader(make_shards([N]), batch_size=G, seq_len=T, device="cuda", backend="native", rank=0, world_size=1)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match="CUDA graph is being captured .* outside the captured region"):
+        next(ld)
+    assert ld.step == 0
+
+
+class FakeCudart:
+    """torch.cuda.cudart() for PinnedHost: records registrations and the device current at each call."""
+
+    def __init__(self, current):
+        self.current, self.calls = current, []
+
+    def cudaHostRegister(self, address, nbytes, flags):
+        self.calls.append(("register", address, nbytes, flags, self.current[0]))
+        return 0
+
+    def cudaHostUnregister(self, address):
+        self.calls.append(("unregister", address, None, None, self.current[0]))
+        return 0
+
+
+@pytest.fixture
+def fake_cudart(monkeypatch):
+    current = [0]
+
+    @contextlib.contextmanager
+    def device(d):
+        previous, current[0] = current[0], torch.device(d).index
+        try:
+            yield
+        finally:
+            current[0] = previous
+
+    cudart = FakeCudart(current)
+    monkeypatch.setattr(torch.cuda, "device", device)
+    monkeypatch.setattr(cuda_module, "_cudart", lambda: cudart)
+    return cudart
+
+
+@pytest.mark.parametrize("count,dtype", [(1, torch.uint16), (2048, torch.uint16), (2049, torch.uint16),
+                                         (1_100_000, torch.uint32)])
+def test_pinned_host_registers_exactly_its_pages_on_its_device(fake_cudart, count, dtype):
+    pinned = PinnedHost(count, dtype, torch.device("cuda", 1))
+    nbytes = -(-count * dtype.itemsize // PAGE_BYTES) * PAGE_BYTES
+    assert pinned.nbytes == nbytes  # not a power of two: 1.1M uint32 pin 4,400,000 bytes, not 8 MiB
+    (kind, address, size, flags, device), = fake_cudart.calls
+    assert (kind, size, device) == ("register", nbytes, 1) and address % PAGE_BYTES == 0
+    assert flags == 3  # portable (every context) | mapped (kernels read it: zero-copy)
+    assert pinned.tensor.dtype == dtype and pinned.tensor.numel() == count and pinned.tensor.data_ptr() == address
+    pinned.tensor.fill_(5)
+    assert int(pinned.tensor[-1]) == 5
+    pinned.release()
+    assert fake_cudart.calls[-1][:2] == ("unregister", address) and pinned.tensor is None
+    pinned.release()  # idempotent
+    assert len(fake_cudart.calls) == 2
+
+
+def test_pinned_host_failure_is_a_memory_error(fake_cudart, monkeypatch):
+    monkeypatch.setattr(fake_cudart, "cudaHostRegister", lambda *args: 2)
+    with pytest.raises(MemoryError, match="cudaHostRegister of 4096 bytes .* cudaError 2"):
+        PinnedHost(10, torch.uint16, torch.device("cuda", 0))
+
+
+def test_cuda_ops_enter_thread_sets_device_stream_and_capture_mode(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("device", d)))
+    monkeypatch.setattr(torch.cuda, "set_stream", lambda s: calls.append(("stream", s)))
+    monkeypatch.setattr(cuda_module, "_relax_capture_mode", lambda: calls.append(("relaxed",)))
+    CudaOps(torch.device("cuda", 3)).enter_thread("side")
+    assert calls == [("device", torch.device("cuda", 3)), ("stream", "side"), ("relaxed",)]
+    calls.clear()
+    CudaOps(torch.device("cuda", 3)).enter_thread()
+    assert calls == [("device", torch.device("cuda", 3)), ("relaxed",)]
+
+
+# --- the ring's CUDA path against the stand-in -------------------------------------------------------------
+
+def expected_windows(paths, starts):
+    tokens = np.concatenate([np.fromfile(p, dtype=np.uint32, offset=1024) for p in paths]).astype(np.int64)
+    return torch.from_numpy(tokens[starts.numpy()[:, None] + np.arange(T)])
+
+
+def drive(ring, gpu, mode, steps, lag, seed=0):
+    """The loader's use of a ring: acquire, a gather queued on the current stream, release; the "GPU" runs
+    the queued gathers only every `lag` steps (or when the ring makes it). Returns each step's (x, starts)."""
+    layout, results = ring.layout, []
+    for step in steps:
+        tokens = ring.acquire(step)
+        try:
+            starts, visits = window_starts_and_visits(mode, seed, step, torch.arange(G), G, N, T, layout.chunking)
+            positions = ring.ring_positions(starts, visits)
+            out = {}
+
+            def gather(tokens=tokens, positions=positions, out=out):
+                out["x"] = gather_reference([tokens], torch.tensor([0, tokens.numel()]), positions, T,
+                                            torch.int64)[0]
+
+            gpu.current_stream().enqueue(gather)
+            results.append((out, starts))
+        finally:
+            ring.release(step)
+        if len(results) % lag == 0:
+            gpu.default_stream.synchronize()
+    gpu.default_stream.synchronize()
+    return [(out["x"], starts) for out, starts in results]
+
+
+@pytest.mark.parametrize("placement", ["device", "zero-copy"])
+@pytest.mark.parametrize("mode", ["sequential", "shuffle", "random"])
+@pytest.mark.parametrize("lag", [1, 5])
+def test_chunked_ring_orders_copies_and_gathers(make_shards, placement, mode, lag):
+    """Every gather sees its visit's tokens, though the device runs queued work late: copies wait for the
+    gathers that read a slot before, gathers wait for the copies, staging buffers are not refilled early."""
+    paths = make_shards([N // 2, N // 2])
+    gpu = FakeGPU()
+    ring = Ring(TokenStream(paths), plan_ring(N, 4, T, G, SMALL_RING), mode, 0, gpu.device, placement, ops=gpu)
+    steps = list(range(0, 400)) + [37, 38, 900, 901]  # two epochs of visits, then a jump back and far ahead
+    for step, (x, starts) in zip(steps, drive(ring, gpu, mode, steps, lag)):
+        assert torch.equal(x, expected_windows(paths, starts)), (placement, mode, step)
+    assert gpu.violations == [] and {name for name, _ in gpu.entered} == {"gpuload-ring-fill"}
+    assert all(device == gpu.device for _, device in gpu.entered)
+    ring.close()
+    assert gpu.pending() == 0  # close() waited for every copy and gather queued on the ring's memory
+    assert gpu.live_pinned_bytes() == 0 and ring.tokens is None
+
+
+def test_device_placement_pins_two_staging_pieces_not_the_ring(make_shards):
+    paths = make_shards([N])
+    gpu = FakeGPU()
+    ring = Ring(TokenStream(paths), plan_ring(N, 4, T, G, SMALL_RING), "sequential", 0, gpu.device, "device",
+                ops=gpu)
+    piece = min(ring.layout.ring_tokens, FILL_PIECE_BYTES // 4)
+    assert gpu.pin_requests == [piece * 4, piece * 4] and ring.pinned_bytes() == 2 * -(-piece * 4 // PAGE_BYTES) * PAGE_BYTES
+    ring.close()
+    assert gpu.live_pinned_bytes() == 0
+
+
+def test_zero_copy_pins_exactly_the_ring(make_shards):
+    gpu = FakeGPU()
+    layout = plan_ring(N, 4, T, G, SMALL_RING)
+    ring = Ring(TokenStream(make_shards([N])), layout, "random", 0, gpu.device, "zero-copy", ops=gpu)
+    assert gpu.pin_requests == [layout.ring_tokens * 4] and ring.device_ring is None
+    ring.close()
+    assert gpu.live_pinned_bytes() == 0
+
+
+@pytest.mark.parametrize("placement", ["device", "zero-copy"])
+def test_whole_stream_ring(make_shards, placement):
+    """The stream on the device for good: its staging buffers are unpinned once the fill is done, and a
+    gather needs no wait (the filler waited for its copies before saying the stream is ready)."""
+    paths = make_shards([N])
+    gpu = FakeGPU()
+    ring = Ring(TokenStream(paths), plan_ring(N, 4, T, G, None), "random", 3, gpu.device, placement, ops=gpu)
+    results = drive(ring, gpu, "random", range(50), lag=7, seed=3)
+    for x, starts in results:
+        assert torch.equal(x, expected_windows(paths, starts))
+    if placement == "device":
+        assert gpu.live_pinned_bytes() == 0 and ring.pinned_bytes() == 0
+    else:
+        assert gpu.live_pinned_bytes() == ring.pinned_bytes() == -(-N * 4 // PAGE_BYTES) * PAGE_BYTES
+    assert gpu.violations == []
+    ring.close()
+    assert gpu.pending() == 0 and gpu.live_pinned_bytes() == 0
+
+
+def test_close_waits_for_copies_of_an_interrupted_fill(make_shards, monkeypatch):
+    """A fill stopped half way has copies queued on the side stream: close() must not free the ring under them."""
+    paths = make_shards([N])
+    gpu = FakeGPU()
+    ring = Ring(TokenStream(paths), plan_ring(N, 4, T, G, SMALL_RING), "sequential", 0, gpu.device, "device",
+                ops=gpu)
+    monkeypatch.setattr("gpuload.ring.FILL_PIECE_BYTES", 256)  # several copies per visit
+    started = threading.Event()
+    real_copy = gpu.copy_async
+
+    def copy_then_signal(dst, src):
+        real_copy(dst, src)
+        started.set()
+
+    gpu.copy_async = copy_then_signal
+    ring._restart(0)
+    assert started.wait(10)
+    ring.close()
+    assert gpu.pending() == 0 and ring.tokens is None and gpu.live_pinned_bytes() == 0
+
+
+def test_close_waits_for_a_next_in_flight(make_shards):
+    """close() from another thread between acquire() and release() frees nothing until the gather is queued."""
+    paths = make_shards([N])
+    gpu = FakeGPU()
+    ring = Ring(TokenStream(paths), plan_ring(N, 4, T, G, None), "random", 0, gpu.device, "zero-copy", ops=gpu)
+    tokens = ring.acquire(0)
+    closer = threading.Thread(target=ring.close)
+    closer.start()
+    closer.join(0.3)
+    assert closer.is_alive() and ring.host is not None  # waiting for release()
+    gpu.current_stream().enqueue(lambda: tokens.sum())
+    ring.release(0)
+    closer.join(10)
+    assert not closer.is_alive() and ring.host is None and gpu.pending() == 0
+
+
+def test_a_chunked_ring_refuses_to_be_captured(make_shards):
+    gpu = FakeGPU()
+    ring = Ring(TokenStream(make_shards([N])), plan_ring(N, 4, T, G, SMALL_RING), "random", 0, gpu.device,
+                ops=gpu)
+    gpu.capturing_now = True
+    with pytest.raises(RuntimeError, match="smaller than the stream was called while a CUDA graph is being captured"):
+        ring.acquire(0)
+    gpu.capturing_now = False
+    ring.acquire(0)  # the refusal left the ring usable
+    ring.release(0)
+    ring.close()
+
+
+def test_filler_threads_enter_before_any_cuda_call(make_shards):
+    """Each fill thread (one per restart) sets its device first: no CUDA call from a thread that did not."""
+    gpu = FakeGPU(index=1)
+    ring = Ring(TokenStream(make_shards([N])), plan_ring(N, 4, T, G, SMALL_RING), "shuffle", 0, gpu.device,
+                ops=gpu)
+    for step in (0, 200, 3, 500):  # jumps: each restarts the filler in a new thread
+        ring.acquire(step)
+        ring.release(step)
+    ring.close()
+    assert gpu.violations == [] and len(gpu.entered) >= 4
+    assert all(entry == ("gpuload-ring-fill", torch.device("cuda", 1)) for entry in gpu.entered)
+
+
+def test_a_second_reader_is_refused_not_blocked(make_shards):
+    ring = Ring(TokenStream(make_shards([N])), plan_ring(N, 4, T, G, None), "random", 0, torch.device("cpu"))
+    ring.acquire(0)
+    with pytest.raises(RuntimeError, match="already being read: a next\\(\\) is running in another thread"):
+        ring.acquire(1)
+    ring.release(0)
+    ring.acquire(1)
+    ring.release(1)
+    ring.close()
