@@ -22,7 +22,6 @@ import sys
 import tempfile
 import time
 
-import numpy as np
 import torch
 
 from gpuload import GPULoader, native

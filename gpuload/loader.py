@@ -599,6 +599,11 @@ class GPULoader:
         self.seed = state["seed"]
         self.step = state["step"]
 
+    def pinned_bytes(self) -> int:
+        """Host bytes this loader's rings keep page-locked now: with CUDA, 2 x 16 MiB of staging per filling
+        device ring, or a zero-copy ring's own pages; 0 on the CPU (README, "What a loader pins")."""
+        return sum(source.ring.pinned_bytes() for source in self.sources if source.ring is not None)
+
     def close(self) -> None:
         """Stop the rings' fillers, free the rings and release the shards (a batch in flight completes)."""
         self._closed = True
@@ -621,5 +626,6 @@ class GPULoader:
                                            for s in self.sources) + "]"
         else:
             data = f"tokens={self.num_tokens}, {ring(self.sources[0])}"
+        pinned = f", pinned={self.pinned_bytes() / 2**20:.1f} MiB" if self.device.type == "cuda" else ""
         return (f"GPULoader(B={self.batch_size}, T={self.seq_len}, sampling={self.sampling!r}, seed={self.seed}, "
-                f"rank={self.rank}/{self.world_size}, backend={self.backend!r}, device={self.device}, {data})")
+                f"rank={self.rank}/{self.world_size}, backend={self.backend!r}, device={self.device}, {data}{pinned})")

@@ -1,9 +1,16 @@
-"""Shared test setup: Triton's CPU interpreter for the kernels, and synthetic shards with known tokens."""
+"""Shared test setup: where the kernels run, and synthetic shards with known tokens.
+
+With CUDA the tests run the compiled kernels on the GPU, against the CPU references (and tests/test_gpu.py
+runs); without it, in Triton's CPU interpreter. Chosen here, before anything imports triton (the jit
+decorator reads TRITON_INTERPRET when it runs); TRITON_INTERPRET=1 in the environment forces the interpreter.
+"""
 
 import os
 
-# Must be set before anything imports triton: CI has no GPU, so kernels run in the interpreter.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

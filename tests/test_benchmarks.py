@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import subprocess
 
 import numpy as np
 import pytest
@@ -108,3 +109,19 @@ def test_bench_ring_quick(tmp_path, capsys):
     assert {c["backend"] for c in result["next"]} >= {"torch"}
     assert all(c["host_us"] > 0 for c in result["next"])
     assert "refill into" in capsys.readouterr().out
+
+
+def test_gpu_acceptance_dry_run_lists_its_steps_and_checks_arguments(tmp_path):
+    script = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "gpu_acceptance.sh")
+    out = subprocess.run(["bash", script, "--dry-run", "--out", str(tmp_path / "out")], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    steps = [line.split()[0] for line in out.stdout.splitlines()[1:-1]]
+    assert steps == ["install", "machine", "tests", "bench_kernels", "bench_ring", "bench_train_step",
+                     "gpuload_bench"]
+    assert "pip install --no-deps --no-build-isolation -e ." in out.stdout
+    assert not any((tmp_path / "out").iterdir())  # a dry run writes nothing
+    for args, message in ((["--budget", "soon"], "whole seconds"), (["--budget", "10"], "too short"),
+                          (["--frobnicate"], "unknown argument"), (["--out"], "usage")):
+        bad = subprocess.run(["bash", script, "--dry-run", *args], capture_output=True, text=True, timeout=60)
+        assert bad.returncode == 2 and message in bad.stderr, (args, bad.stderr)

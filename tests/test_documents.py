@@ -1,24 +1,19 @@
 """Document starts, BOS-aligned window starts and doc info vs plain-Python oracles; Triton vs the reference."""
 
-import os
+import random
 
-# Must precede the kernel module's import: @triton.jit picks the interpreter when it decorates.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import numpy as np
+import pytest
+import torch
 
-import random  # noqa: E402
-
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from gpuload import native  # noqa: E402
-from gpuload.documents import (DEFAULT_CHUNK_TOKENS, SALT_ALIGNED_RANDOM, AlignedChunking,  # noqa: E402
+from gpuload import native
+from gpuload.documents import (DEFAULT_CHUNK_TOKENS, SALT_ALIGNED_RANDOM, AlignedChunking,
                                aligned_window_starts, aligned_window_starts_and_visits, doc_info_reference,
                                document_starts, max_segments_per_row, usable_document_starts)
-from gpuload.kernels import triton_docs  # noqa: E402
-from gpuload.kernels.triton_docs import doc_info_triton  # noqa: E402
-from gpuload.sampling import MASK64, SALT_CHUNKS, SALT_RANDOM, SAMPLING_IDS, Chunking, mix64_int  # noqa: E402
-from test_sampling import oracle_feistel  # noqa: E402  (the scalar Feistel oracle written from the docstring)
+from gpuload.kernels import triton_docs
+from gpuload.kernels.triton_docs import doc_info_triton
+from gpuload.sampling import MASK64, SALT_CHUNKS, SALT_RANDOM, SAMPLING_IDS, Chunking, mix64_int
+from test_sampling import oracle_feistel  # (the scalar Feistel oracle written from the docstring)
 
 if triton_docs.interpreter_active():
     DEVICE = "cpu"

@@ -196,7 +196,7 @@ def test_static_buffers_reuse_outputs(make_shards):
         ld = loader(paths, batch_size=B, seq_len=T, backend=backend, static_buffers=True)
         outs = [next(ld) for _ in range(3)]
         assert all(x is outs[0][0] and y is outs[0][1] for x, y in outs), backend
-        assert torch.equal(outs[-1][0], fresh[-1][0]) and torch.equal(outs[-1][1], fresh[-1][1])
+        assert torch.equal(outs[-1][0].cpu(), fresh[-1][0]) and torch.equal(outs[-1][1].cpu(), fresh[-1][1])
 
 
 def test_read_error_in_the_filler_surfaces_at_next(make_shards):

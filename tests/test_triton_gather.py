@@ -4,18 +4,15 @@ import importlib.util
 import json
 import os
 
-# Must precede the kernel module's import: @triton.jit picks the interpreter when it decorates.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from gpuload.documents import (aligned_window_starts, aligned_window_starts_and_visits, document_starts,  # noqa: E402
+from gpuload.documents import (aligned_window_starts, aligned_window_starts_and_visits, document_starts,
                                usable_document_starts)
-from gpuload.kernels import triton_gather  # noqa: E402
-from gpuload.kernels.gather import gather_reference  # noqa: E402
-from gpuload.kernels.triton_gather import gather_batch_triton  # noqa: E402
-from gpuload.sampling import MASK64, Chunking, window_starts, window_starts_and_visits, windows_per_epoch  # noqa: E402
+from gpuload.kernels import triton_gather
+from gpuload.kernels.gather import gather_reference
+from gpuload.kernels.triton_gather import gather_batch_triton
+from gpuload.sampling import MASK64, Chunking, window_starts, window_starts_and_visits, windows_per_epoch
 
 if triton_gather.interpreter_active():
     DEVICE = "cpu"

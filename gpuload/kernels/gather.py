@@ -10,6 +10,16 @@ from typing import Sequence
 
 import torch
 
+# Read unsigned tokens through their signed views: CUDA's indexing kernels do not cover torch.uint16/uint32.
+_SIGNED = {torch.uint16: (torch.int16, 0xFFFF), torch.uint32: (torch.int32, 0xFFFFFFFF)}
+
+
+def _read(shard: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    if shard.dtype in _SIGNED:
+        signed, mask = _SIGNED[shard.dtype]
+        return shard.view(signed)[positions].to(torch.int64) & mask
+    return shard[positions].to(torch.int64)
+
 
 def gather_reference(shards: Sequence[torch.Tensor], shard_starts: torch.Tensor, starts: torch.Tensor,
                      seq_len: int, input_dtype: torch.dtype = torch.int64) -> tuple[torch.Tensor, torch.Tensor]:
@@ -21,11 +31,11 @@ def gather_reference(shards: Sequence[torch.Tensor], shard_starts: torch.Tensor,
     """
     positions = starts.to(torch.int64)[:, None] + torch.arange(seq_len + 1, device=starts.device)
     if len(shards) == 1:
-        tokens = shards[0][positions].to(torch.int64)
+        tokens = _read(shards[0], positions)
     else:
         shard_of = torch.searchsorted(shard_starts, positions, right=True) - 1
         tokens = torch.empty_like(positions)
         for s in torch.unique(shard_of).tolist():
             inside = shard_of == s
-            tokens[inside] = shards[s][positions[inside] - shard_starts[s]].to(torch.int64)
+            tokens[inside] = _read(shards[s], positions[inside] - shard_starts[s])
     return tokens[:, :-1].to(input_dtype).contiguous(), tokens[:, 1:].contiguous()

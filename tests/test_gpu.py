@@ -1,0 +1,229 @@
+"""The CUDA path on a real GPU: every placement and ring layout against the CPU reference, mixtures, aligned
+rows and doc info, static buffers, the filler thread's device, exact pinned memory, close() under load, and
+a CUDA graph captured while the ring refills. Skipped without CUDA (tests/test_cuda.py covers the same
+ordering on the CPU against a stand-in)."""
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from gpuload import GPULoader
+from gpuload import cuda as cuda_module
+from gpuload.cuda import page_rounded
+from test_loader import loader
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+MODES = ["random", "shuffle", "sequential"]
+N, T, B = 6000, 8, 4
+SMALL_RING = 4096  # uint32: 4 slots of one page -> 6 chunks: the slots are reused every few dozen steps
+
+
+def on_cpu(batches):
+    return [tuple(t.cpu() for t in batch) for batch in batches]
+
+
+def take(ld, steps):
+    return [next(ld) for _ in range(steps)]
+
+
+def assert_equal_batches(got, want):
+    assert len(got) == len(want)
+    for step, (g, w) in enumerate(zip(on_cpu(got), want)):
+        for a, b in zip(g, w):
+            assert torch.equal(a, b), f"step {step}"
+
+
+@pytest.mark.parametrize("placement", ["device", "zero-copy"])
+@pytest.mark.parametrize("ring_tokens", [None, SMALL_RING])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", [np.uint16, np.uint32])
+def test_triton_equals_the_cpu_reference(make_shards, placement, ring_tokens, mode, dtype):
+    paths = make_shards([N // 2, N // 2], dtype=dtype)
+    ring = None if ring_tokens is None else ring_tokens * 4 // np.dtype(dtype).itemsize
+    kw = dict(batch_size=B, seq_len=T, sampling=mode, seed=2**63 + 5, ring_tokens=ring)
+    want = take(loader(paths, backend="torch", device="cpu", **kw), 120)
+    ld = loader(paths, backend="triton", device="cuda", placement=placement, **kw)
+    got = take(ld, 120)
+    x, y = got[0]
+    assert x.device == y.device == torch.device("cuda", torch.cuda.current_device())
+    assert x.is_contiguous() and y.is_contiguous() and y.dtype == torch.int64
+    assert_equal_batches(got, want)
+    ld.close()
+
+
+@pytest.mark.parametrize("backend,placement", [("native", "device"), ("torch", "device"), ("torch", "zero-copy")])
+def test_host_backends_deliver_on_the_gpu(make_shards, backend, placement):
+    if backend == "native":
+        pytest.importorskip("gpuload._native")
+    paths = make_shards([N])
+    kw = dict(batch_size=B, seq_len=T, sampling="shuffle", seed=3, ring_tokens=SMALL_RING)
+    want = take(loader(paths, backend="torch", device="cpu", **kw), 60)
+    got = take(loader(paths, backend=backend, device="cuda", placement=placement, **kw), 60)
+    assert got[0][0].device.type == "cuda"
+    assert_equal_batches(got, want)
+
+
+@pytest.mark.parametrize("placement", ["device", "zero-copy"])
+@pytest.mark.parametrize("ring_tokens", [None, 4 * 4096])
+def test_mixture_aligned_doc_info_equal_the_cpu_reference(tmp_path, placement, ring_tokens):
+    from gpuload.shards import write_shard
+
+    rng = np.random.default_rng(0)
+    paths = {}
+    for k, name in enumerate(["web", "code"]):
+        tokens = rng.integers(1, 1000, 20_000 - 8000 * k).astype(np.uint16)
+        tokens[rng.choice(tokens.size, tokens.size // 60, replace=False)] = 7
+        tokens[0] = 7
+        (tmp_path / name).mkdir()
+        write_shard(tmp_path / name / "train_0.bin", tokens)
+        paths[name] = [str(tmp_path / name / "train_0.bin")]
+    kw = dict(weights={"web": 2, "code": 1}, batch_size=6, seq_len=16, sampling="shuffle", seed=5, bos_token=7,
+              align="bos", doc_info=True, ring_tokens=ring_tokens)
+    want = take(loader(paths, backend="torch", device="cpu", **kw), 40)
+    got = take(loader(paths, backend="triton", device="cuda", placement=placement, **kw), 40)
+    for step, ((x, y, doc), (wx, wy, wdoc)) in enumerate(zip(got, want)):
+        assert torch.equal(x.cpu(), wx) and torch.equal(y.cpu(), wy), step
+        assert torch.equal(doc.position_ids.cpu(), wdoc.position_ids), step
+        assert torch.equal(doc.cu_seqlens.cpu(), wdoc.cu_seqlens) and doc.max_seqlen == wdoc.max_seqlen, step
+
+
+def test_static_buffers_are_written_in_place(make_shards):
+    paths = make_shards([N])
+    want = take(loader(paths, backend="torch", device="cpu", batch_size=B, seq_len=T), 5)
+    ld = loader(paths, backend="triton", device="cuda", batch_size=B, seq_len=T, static_buffers=True)
+    pointers = set()
+    for w in want:
+        x, y = next(ld)
+        pointers.add((x.data_ptr(), y.data_ptr()))
+        assert torch.equal(x.cpu(), w[0]) and torch.equal(y.cpu(), w[1])
+    assert len(pointers) == 1
+
+
+def test_plain_cuda_device_name_works_on_every_placement(tmp_path):
+    from gpuload.shards import write_shard
+
+    path = str(tmp_path / "docs.bin")
+    write_shard(path, (np.arange(N) % 100).astype(np.uint32))  # a document (token 0) every 100 tokens
+    for placement in ("device", "zero-copy"):
+        for ring_tokens in (None, SMALL_RING):
+            for align in (None, "bos"):
+                ld = GPULoader(path, batch_size=B, seq_len=T, device="cuda", backend="triton", placement=placement,
+                               ring_tokens=ring_tokens, rank=0, world_size=1, bos_token=0, align=align)
+                assert ld.device == torch.device("cuda", torch.cuda.current_device())
+                for x, _ in take(ld, 3):
+                    assert x.device == ld.device and (align is None or bool((x[:, 0] == 0).all()))
+                ld.close()
+
+
+def test_filler_thread_runs_on_the_loaders_device_and_side_stream(make_shards, monkeypatch):
+    seen = []
+    enter = cuda_module.CudaOps.enter_thread
+
+    def recording_enter(self, stream=None):
+        enter(self, stream)
+        seen.append((torch.cuda.current_device(), torch.cuda.current_stream(), stream))
+
+    monkeypatch.setattr(cuda_module.CudaOps, "enter_thread", recording_enter)
+    device = torch.cuda.device_count() - 1  # the last GPU: not the one a fresh thread starts on, when there are two
+    ld = loader(make_shards([N]), backend="triton", device=f"cuda:{device}", batch_size=B, seq_len=T,
+                ring_tokens=SMALL_RING)
+    take(ld, 3)
+    ld.close()
+    assert seen and all(current == device and stream is not None and current_stream == stream
+                        for current, current_stream, stream in seen)
+
+
+def test_rings_pin_exactly_and_give_it_back(make_shards):
+    paths = make_shards([N])
+    before = torch.cuda.host_memory_stats().get("allocated_bytes.current", 0)
+    zero_copy = loader(paths, backend="triton", device="cuda", placement="zero-copy", batch_size=B, seq_len=T,
+                       ring_tokens=SMALL_RING)
+    ring = zero_copy.sources[0].ring
+    assert ring.host.is_pinned() and ring.pinned_bytes() == page_rounded(ring.layout.ring_tokens * 4)
+    device = loader(paths, backend="triton", device="cuda", placement="device", batch_size=B, seq_len=T)
+    take(zero_copy, 3)
+    take(device, 3)
+    assert device.sources[0].ring.pinned_bytes() == 0  # whole stream on the device: its staging went back
+    # Nothing of the rings came from torch's caching host allocator (which rounds up and never unpins).
+    assert torch.cuda.host_memory_stats().get("allocated_bytes.current", 0) == before
+    zero_copy.close()
+    device.close()
+    assert ring.pinned_bytes() == 0 and ring.host is None
+
+
+@pytest.mark.parametrize("placement", ["device", "zero-copy"])
+def test_close_right_after_next_under_refills(make_shards, placement):
+    """close() while copies and gathers are queued: the batches already returned stay right."""
+    paths = make_shards([N])
+    kw = dict(batch_size=B, seq_len=T, sampling="shuffle", seed=1, ring_tokens=SMALL_RING)
+    want = take(loader(paths, backend="torch", device="cpu", **kw), 50)
+    for _ in range(5):
+        ld = loader(paths, backend="triton", device="cuda", placement=placement, **kw)
+        got = take(ld, 50)
+        ld.close()
+        scratch = torch.full((1 << 20,), -1, dtype=torch.int64, device="cuda")  # would reuse freed ring memory
+        assert_equal_batches(got, want)
+        assert bool((scratch == -1).all())
+
+
+def test_graph_capture_while_the_ring_refills(make_shards):
+    """The training loop captures CUDA graphs (global mode, torch's default) while the filler thread copies
+    and waits on events: each jump below restarts the fill, and the capture runs while it loads 3 visits."""
+    paths = make_shards([8_000_000])  # 32 MB; the ring's 4 slots of 4 MB hold a visit of ~4096 steps each
+    kw = dict(batch_size=B, seq_len=64, sampling="sequential", ring_tokens=4 << 20)
+    reference = loader(paths, backend="torch", device="cpu", **kw)
+    ld = loader(paths, backend="triton", device="cuda", placement="device", **kw)
+    static = torch.zeros(1024, device="cuda")
+    got, want = [], []
+    for jump in range(20):
+        for each in (ld, reference):
+            each.load_state_dict({**each.state_dict(), "step": jump * 10_007})
+        got.append(next(ld))
+        want.append(next(reference))
+        graph = torch.cuda.CUDAGraph()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            static.add_(1)  # warm-up outside the capture, as torch.cuda.graph wants
+        torch.cuda.current_stream().wait_stream(side)
+        with torch.cuda.graph(graph):
+            static.mul_(2)
+        graph.replay()
+    torch.cuda.synchronize()
+    assert_equal_batches(got, want)
+    ld.close()
+
+
+def test_next_inside_a_capture_says_what_to_do(make_shards):
+    ld = loader(make_shards([N]), backend="triton", device="cuda", batch_size=B, seq_len=T, static_buffers=True)
+    next(ld)
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="CUDA graph is being captured"):
+        with torch.cuda.graph(graph):
+            next(ld)
+    assert ld.step == 1
+    next(ld)
+
+
+def test_two_threads_on_one_loader_are_refused_or_served_in_turn(make_shards):
+    ld = loader(make_shards([N]), backend="triton", device="cuda", batch_size=B, seq_len=T, ring_tokens=SMALL_RING)
+    errors = []
+
+    def run():
+        try:
+            for _ in range(50):
+                next(ld)
+        except RuntimeError as e:
+            errors.append(str(e))
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads)
+    assert all("already being read" in e for e in errors)
+    ld.close()
