@@ -69,10 +69,13 @@ def default_rank_world() -> tuple[int, int]:
 
 
 def default_device() -> torch.device:
-    """cuda:{LOCAL_RANK} when CUDA is available (else the current CUDA device), else cpu."""
+    """cuda:{LOCAL_RANK} when CUDA is available and LOCAL_RANK names one of its devices (else the current
+    CUDA device: a launcher that gives each process one GPU by CUDA_VISIBLE_DEVICES), else cpu."""
     if torch.cuda.is_available():
         local_rank = _env_int("LOCAL_RANK")
-        return torch.device("cuda", torch.cuda.current_device() if local_rank is None else local_rank)
+        if local_rank is None or 0 < torch.cuda.device_count() <= local_rank:
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cuda", local_rank)
     return torch.device("cpu")
 
 

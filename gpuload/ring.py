@@ -276,7 +276,14 @@ class _Filler:
 
 class Ring:
     """Stream tokens resident for the gather: `acquire(step)` -> the tensor to read, then `release(step)`
-    once the gather is queued (always, in a `finally`: close() waits for the reader in between)."""
+    once the gather is queued (always, in a `finally`: close() waits for the reader in between).
+
+    Per step on CUDA, a whole-stream ring costs a lock and nothing else: its tokens never change once
+    loaded. A chunked ring records one event when the step's first visit moves on (the gathers that read
+    the visits left behind; the filler waits on it before reusing their slots) and makes the current stream
+    wait once for each newly loaded visit's copies. One consumer stream at a time: when the current stream
+    changes, the host waits for the gathers queued on the previous one (rare: a loop uses one stream).
+    """
 
     def __init__(self, stream: TokenStream, layout: RingLayout, sampling: str, seed: int, device: torch.device,
                  placement: str = "device", aligned: Optional["AlignedChunking"] = None,
@@ -287,6 +294,7 @@ class Ring:
             raise ValueError("Ring: the AlignedChunking was built for another chunking than the layout's")
         if device.type == "cuda" and device.index is None:
             raise ValueError(f"Ring: a CUDA device needs its index (gpuload.cuda.resolve_device), found {device}")
+        _free_leftovers()
         self.stream, self.layout, self.sampling, self.seed = stream, layout, sampling, seed
         self.aligned = aligned  # align='bos' on a chunked ring: visits follow the document starts
         self.device, self.placement = device, placement
@@ -299,13 +307,19 @@ class Ring:
         self.side_stream = None
         self._host_memory = None
         self.staging: Optional[_Staging] = None
-        # Per slot: the event after the last gather that read it, and (device placement) after its copies.
+        # Per slot: the event after the last gathers of its visit, and (device placement) after its copies.
         self.slot_read: list = [None] * layout.num_slots
         self.slot_copied: list = [None] * layout.num_slots
         self.filler: Optional[_Filler] = None
         self.closed = False
         self._lifecycle = threading.Lock()  # no filler starts once close() has begun
         self._reading = threading.Lock()    # held from acquire() to release(): close() frees nothing in between
+        self._free_on_release = False
+        self._resident: Optional[torch.Tensor] = None  # whole stream loaded: the tensor every step reads
+        self._visits_of = self._visit_rule()
+        self._last_visits: Optional[tuple[int, int]] = None  # (first, last) visit of the previous step
+        self._consumer = None      # (raw handle, stream) the gathers are queued on
+        self._waited_through = -1  # the consumer stream waits for the copies of visits up to this one
         if self.ops is not None and placement == "device":
             free = self.ops.free_bytes()
             if nbytes > free // 2:
@@ -344,13 +358,26 @@ class Ring:
             buffers = buffers + [self._host_memory]
         return sum(buffer.nbytes for buffer in buffers)
 
-    def visits(self, step: int) -> tuple[int, int]:
+    def _visit_rule(self):
+        """step -> (first, last) visit its rows read, with the chunking's constants bound once."""
         chunking = self.layout.chunking
         if chunking is None:
-            return 0, 0
+            return lambda step: (0, 0)
         if self.aligned is not None:
-            return self.aligned.step_visits(self.seed, step)
-        return chunking.step_visits(self.sampling, step)
+            aligned = self.aligned
+            return lambda step: aligned.step_visits(self.seed, step)
+        if self.sampling == "random":
+            per_visit = chunking.steps_per_visit
+            return lambda step: (step // per_visit, step // per_visit)
+        G, M, K, Wc = chunking.global_batch, chunking.num_windows, chunking.num_chunks, chunking.windows_per_chunk
+
+        def visits(step):
+            first, last = step * G, step * G + G - 1
+            return first // M * K + first % M // Wc, last // M * K + last % M // Wc
+        return visits
+
+    def visits(self, step: int) -> tuple[int, int]:
+        return self._visits_of(step)
 
     def acquire(self, step: int) -> torch.Tensor:
         """Wait until every token step `step` reads is resident; the returned tensor is safe to read on the
@@ -359,40 +386,71 @@ class Ring:
             raise RuntimeError("the ring is already being read: a next() is running in another thread (one loader "
                                "serves one thread), or acquire() was not followed by release()")
         try:
-            if self.ops is not None and self.layout.chunking is not None and self.ops.capturing():
-                raise capture_error("next() on a ring smaller than the stream")
-            first, last = self.visits(step)
-            filler = self.filler
-            # A jump backwards (resume) or far ahead restarts the fill at the step's first visit.
-            if filler is None or first < filler.low or first > max(filler.ready, filler.low) + self.layout.num_slots:
-                filler = self._restart(first)
-            filler.release_below(first)
-            filler.wait_ready(last, f"the tokens of step {step}")
-            if self.device_ring is not None and self.layout.chunking is not None:
-                current = self.ops.current_stream()
-                for visit in range(first, last + 1):
-                    copied = self.slot_copied[visit % self.layout.num_slots]
-                    if copied is not None:
-                        current.wait_event(copied)
-            tokens = self.tokens
-            if tokens is None or self.closed:
-                raise RuntimeError("the loader was closed while next() ran; create a new GPULoader to go on")
-            return tokens
+            if self._resident is not None and not self.closed:
+                return self._resident
+            return self._acquire(step)
         except BaseException:
             self._reading.release()
             raise
 
+    def _acquire(self, step: int) -> torch.Tensor:
+        first, last = self._visits_of(step)
+        ops = self.ops
+        if ops is not None and self.layout.chunking is not None:
+            self._follow_consumer(first, last)
+        filler = self.filler
+        # A jump backwards (resume) or far ahead restarts the fill at the step's first visit.
+        if filler is None or first < filler.low or first > max(filler.ready, filler.low) + self.layout.num_slots:
+            filler = self._restart(first)
+        if first > filler.low:
+            filler.release_below(first)
+        if filler.ready < last:
+            filler.wait_ready(last, f"the tokens of step {step}")
+        tokens = self.tokens
+        if tokens is None or self.closed:
+            raise RuntimeError("the loader was closed while next() ran; create a new GPULoader to go on")
+        if self.layout.chunking is None:
+            self._resident = tokens  # loaded for good (a device fill completed before `ready`)
+        elif self.device_ring is not None and last > self._waited_through:
+            stream = self._consumer[1]
+            for visit in range(max(first, self._waited_through + 1), last + 1):
+                copied = self.slot_copied[visit % self.layout.num_slots]
+                if copied is not None:
+                    stream.wait_event(copied)
+            self._waited_through = last
+        return tokens
+
+    def _follow_consumer(self, first: int, last: int) -> None:
+        """CUDA, chunked: guard the slots of the visits the previous step read and this one leaves behind."""
+        ops = self.ops
+        handle = ops.current_stream()
+        if self._consumer is None or handle != self._consumer[1]:
+            if ops.capturing():
+                raise capture_error("next() on a ring smaller than the stream")
+            if self._consumer is not None:  # gathers queued on the previous stream: wait for them here
+                done = ops.new_event()
+                done.record(self._consumer[1])
+                done.synchronize()
+            self._consumer = (None, handle)
+            self._waited_through = -1
+        previous = self._last_visits
+        self._last_visits = (first, last)
+        if previous is None or previous[0] == first:
+            return
+        if ops.capturing():
+            raise capture_error("next() on a ring smaller than the stream")
+        read = ops.new_event()
+        read.record(self._consumer[1])
+        for visit in range(previous[0], previous[1] + 1):
+            if not first <= visit <= last:
+                self.slot_read[visit % self.layout.num_slots] = read
+
     def release(self, step: int) -> None:
-        """After the reads of `step` are queued on the current stream: mark its slots as read by them (CUDA)."""
-        try:
-            if self.ops is not None:  # also once close() has begun: it waits for this event before freeing
-                first, last = self.visits(step)
-                read = self.ops.new_event()
-                read.record(self.ops.current_stream())
-                for visit in range(first, last + 1):
-                    self.slot_read[visit % self.layout.num_slots] = read
-        finally:
-            self._reading.release()
+        """After the reads of `step` are queued on the current stream (frees the ring if close() timed out)."""
+        self._reading.release()
+        if self._free_on_release:
+            with self._reading:
+                self._free()
 
     def ring_positions(self, starts: torch.Tensor, visits: Optional[torch.Tensor]) -> torch.Tensor:
         """Where each window start `starts` (stream positions) of visit `visits` lies in the ring.
@@ -410,6 +468,11 @@ class Ring:
                 raise RuntimeError("the loader was closed while next() ran; create a new GPULoader to go on")
             if self.filler is not None:
                 self.filler.stop()
+            if self._consumer is not None:  # any slot may be reloaded now: after every gather queued so far
+                read = self.ops.new_event()
+                read.record(self._consumer[1])
+                self.slot_read[:] = [read] * self.layout.num_slots
+            self._waited_through = first_visit - 1  # the visits from here on are loaded anew
             self.filler = _Filler(self, first_visit)
             return self.filler
 
@@ -422,16 +485,17 @@ class Ring:
 
     def close(self) -> None:
         """Stop the filler and free the ring (pinned memory included) once the work queued on it is done:
-        a next() in flight finishes first, then the side stream's copies (which write the device ring and
-        read the staging buffers) and the gathers that read the slots."""
+        a next() in flight finishes first, then the device finishes the copies (which write the device
+        ring and read the staging buffers) and the gathers that read the ring, on every stream."""
         with self._lifecycle:
             self.closed = True
         if self.filler is not None:
             self.filler.stop()  # wakes a next() waiting for a fill: it raises 'closed' and releases
             self.filler = None
         if not self._reading.acquire(timeout=CLOSE_WAIT_S):
-            warnings.warn(f"gpuload: a next() held the ring for over {CLOSE_WAIT_S:.0f} s during close(); its memory "
-                          f"is left to the garbage collector", RuntimeWarning, stacklevel=2)
+            self._free_on_release = True  # the next() holding the ring frees it when it lets go
+            warnings.warn(f"gpuload: a next() has held the ring for over {CLOSE_WAIT_S:.0f} s during close(); the "
+                          f"ring is freed when it returns", RuntimeWarning, stacklevel=2)
             return
         try:
             self._free()
@@ -439,19 +503,12 @@ class Ring:
             self._reading.release()
 
     def _free(self) -> None:
-        if self.ops is not None:
-            if self.side_stream is not None:
-                self.side_stream.synchronize()
-            for event in self.slot_read:
-                if event is not None:
-                    event.synchronize()
-        if self.staging is not None:
-            self.staging.release()
-            self.staging = None
-        if self._host_memory is not None:
-            self._host_memory.release()
-            self._host_memory = None
-        self.host = self.device_ring = None
+        self._free_on_release = False
+        leftover = _Leftover(self.ops, self.side_stream, self.staging, self._host_memory)
+        self.staging = self._host_memory = self.side_stream = None
+        self.host = self.device_ring = self._resident = None
+        if not leftover.free():
+            _leftovers.append(leftover)
 
     def __del__(self):
         filler = getattr(self, "filler", None)
@@ -460,6 +517,39 @@ class Ring:
         if getattr(self, "closed", True):
             return
         try:
-            self._free()  # an unclosed ring: its pinned memory goes back once the queued work is done
+            # An unclosed ring: its pinned memory goes back once the queued work is done; inside a CUDA graph
+            # capture, which forbids the synchronize, the next Ring or the interpreter's exit frees it.
+            leftover = _Leftover(self.ops, self.side_stream, self.staging, self._host_memory)
+            if not leftover.free():
+                _leftovers.append(leftover)
         except Exception:  # CUDA may already be shut down at interpreter exit
             pass
+
+
+class _Leftover:
+    """A ring's memory on its way back: freed once the device is done with the work queued on it."""
+
+    def __init__(self, ops, side_stream, staging, host_memory):
+        self.ops, self.side_stream, self.staging, self.host_memory = ops, side_stream, staging, host_memory
+
+    def free(self) -> bool:
+        """Free it now, or return False during a CUDA graph capture (where a synchronize is not allowed)."""
+        if self.ops is not None:
+            if self.ops.capturing():
+                return False
+            self.ops.synchronize()  # copies on the side stream and gathers on any stream, all done
+            if self.side_stream is not None:
+                self.ops.destroy_stream(self.side_stream)
+        if self.staging is not None:
+            self.staging.release()
+        if self.host_memory is not None:
+            self.host_memory.release()
+        return True
+
+
+_leftovers: list[_Leftover] = []
+
+
+@atexit.register
+def _free_leftovers() -> None:
+    _leftovers[:] = [leftover for leftover in _leftovers if not leftover.free()]

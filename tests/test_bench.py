@@ -19,10 +19,12 @@ CPU_PROVIDERS = [name for name in PROVIDER_NAMES if not unavailable(name, CPU)]
 
 def test_bench_quick_end_to_end(tmp_path, capsys):
     out, png = tmp_path / "bench.json", tmp_path / "bench.png"
-    argv = ["bench", "--quick", "--cache-dir", str(tmp_path / "cache"), "--json", str(out), "--plot", str(png)]
+    argv = ["bench", "--quick", "--device", "cpu", "--cache-dir", str(tmp_path / "cache"), "--json", str(out),
+            "--plot", str(png)]
     assert main(argv) == 0
     stdout = capsys.readouterr().out
-    assert "vs nanogpt" in stdout and "GPU: none" in stdout and "skipped gpuload-cuda-triton-ring" in stdout
+    assert "vs nanogpt" in stdout and "skipped gpuload-cuda-triton-ring" in stdout
+    assert "GPU: none" in stdout or torch.cuda.is_available()
 
     result = json.loads(out.read_text())
     assert result["command"] == "gpuload " + " ".join(argv)

@@ -90,7 +90,7 @@ def test_bench_train_step_quick(tmp_path, capsys):
 
     out = tmp_path / "result.json"
     result = load_benchmark("bench_train_step").main(
-        ["--quick", "--cache-dir", str(tmp_path / "cache"), "--json", str(out)])
+        ["--quick", "--device", "cpu", "--cache-dir", str(tmp_path / "cache"), "--json", str(out)])
     runnable = [name for name in PROVIDER_NAMES if not unavailable(name, torch.device("cpu"))]
     assert [row["provider"] for row in result["rows"]] == ["resident", *runnable]
     assert json.loads(out.read_text())["rows"] == result["rows"]
@@ -116,10 +116,10 @@ def test_gpu_acceptance_dry_run_lists_its_steps_and_checks_arguments(tmp_path):
     out = subprocess.run(["bash", script, "--dry-run", "--out", str(tmp_path / "out")], capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    steps = [line.split()[0] for line in out.stdout.splitlines()[1:-1]]
+    steps = [line.split()[0] for line in out.stdout.splitlines() if " guard " in line]
     assert steps == ["install", "machine", "tests", "bench_kernels", "bench_ring", "bench_train_step",
                      "gpuload_bench"]
-    assert "pip install --no-deps --no-build-isolation -e ." in out.stdout
+    assert "pip install --no-deps --no-build-isolation -e ." in out.stdout and "preflight: " in out.stdout
     assert not any((tmp_path / "out").iterdir())  # a dry run writes nothing
     for args, message in ((["--budget", "soon"], "whole seconds"), (["--budget", "10"], "too short"),
                           (["--frobnicate"], "unknown argument"), (["--out"], "usage")):

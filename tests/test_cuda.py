@@ -54,6 +54,18 @@ def test_loader_on_plain_cuda_holds_an_indexed_device(two_gpus, make_shards):
     assert ld.device == torch.device("cuda", 0) and ld.device.index == 0
 
 
+def test_default_device_with_one_visible_gpu_per_process(monkeypatch):
+    from gpuload.loader import default_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # CUDA_VISIBLE_DEVICES narrowed by the launcher
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert default_device() == torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    assert default_device() == torch.device("cuda", 3)
+
+
 def test_a_ring_refuses_an_unindexed_cuda_device(make_shards):
     stream = TokenStream(make_shards([N]))
     with pytest.raises(ValueError, match="needs its index"):
@@ -70,68 +82,113 @@ def test_next_inside_a_graph_capture_is_refused(two_gpus, make_shards, monkeypat
     assert ld.step == 0
 
 
-class FakeCudart:
-    """torch.cuda.cudart() for PinnedHost: records registrations and the device current at each call."""
+class FakeDriver:
+    """The libcuda functions LibCuda calls: records each call with the device whose context is current."""
 
-    def __init__(self, current):
-        self.current, self.calls = current, []
+    def __init__(self, register_result=0):
+        self.calls, self.stack, self.register_result = [], [], register_result
 
-    def cudaHostRegister(self, address, nbytes, flags):
-        self.calls.append(("register", address, nbytes, flags, self.current[0]))
+    def _current(self):
+        return self.stack[-1] if self.stack else None
+
+    def cuInit(self, flags):
         return 0
 
-    def cudaHostUnregister(self, address):
-        self.calls.append(("unregister", address, None, None, self.current[0]))
+    def cuDeviceGet(self, device, index):
+        device._obj.value = index
+        return 0
+
+    def cuDevicePrimaryCtxRetain(self, context, device):
+        context._obj.value = 1000 + device.value
+        return 0
+
+    def cuDevicePrimaryCtxRelease_v2(self, device):
+        self.calls.append(("release", device.value))
+        return 0
+
+    def cuCtxPushCurrent_v2(self, context):
+        self.stack.append(context.value - 1000)
+        return 0
+
+    def cuCtxPopCurrent_v2(self, context):
+        self.stack.pop()
+        return 0
+
+    def cuMemHostRegister_v2(self, address, nbytes, flags):
+        self.calls.append(("register", address, nbytes, flags, self._current()))
+        return self.register_result
+
+    def cuMemHostUnregister(self, address):
+        self.calls.append(("unregister", address, self._current()))
+        return 0
+
+    def cuStreamCreate(self, stream, flags):
+        stream._obj.value = 77
+        self.calls.append(("stream", flags, self._current()))
+        return 0
+
+    def cuGetErrorName(self, result, name):
+        name._obj.value = b"CUDA_ERROR_OUT_OF_MEMORY"
         return 0
 
 
 @pytest.fixture
-def fake_cudart(monkeypatch):
-    current = [0]
-
-    @contextlib.contextmanager
-    def device(d):
-        previous, current[0] = current[0], torch.device(d).index
-        try:
-            yield
-        finally:
-            current[0] = previous
-
-    cudart = FakeCudart(current)
-    monkeypatch.setattr(torch.cuda, "device", device)
-    monkeypatch.setattr(cuda_module, "_cudart", lambda: cudart)
-    return cudart
+def fake_driver(monkeypatch):
+    """gpuload.cuda.libcuda() over FakeDriver instead of libcuda.so.1."""
+    driver = FakeDriver()
+    lib = cuda_module.LibCuda.__new__(cuda_module.LibCuda)
+    lib.lib = driver
+    monkeypatch.setattr(cuda_module, "libcuda", lambda: lib)
+    return driver
 
 
 @pytest.mark.parametrize("count,dtype", [(1, torch.uint16), (2048, torch.uint16), (2049, torch.uint16),
                                          (1_100_000, torch.uint32)])
-def test_pinned_host_registers_exactly_its_pages_on_its_device(fake_cudart, count, dtype):
+def test_pinned_host_registers_exactly_its_pages_in_its_devices_context(fake_driver, count, dtype):
     pinned = PinnedHost(count, dtype, torch.device("cuda", 1))
     nbytes = -(-count * dtype.itemsize // PAGE_BYTES) * PAGE_BYTES
     assert pinned.nbytes == nbytes  # not a power of two: 1.1M uint32 pin 4,400,000 bytes, not 8 MiB
-    (kind, address, size, flags, device), = fake_cudart.calls
+    (kind, address, size, flags, device), released = fake_driver.calls
+    assert released == ("release", 1)
     assert (kind, size, device) == ("register", nbytes, 1) and address % PAGE_BYTES == 0
-    assert flags == 3  # portable (every context) | mapped (kernels read it: zero-copy)
+    assert flags == 3  # portable (every context) | device-mapped (kernels read it: zero-copy)
     assert pinned.tensor.dtype == dtype and pinned.tensor.numel() == count and pinned.tensor.data_ptr() == address
     pinned.tensor.fill_(5)
     assert int(pinned.tensor[-1]) == 5
-    pinned.release()
-    assert fake_cudart.calls[-1][:2] == ("unregister", address) and pinned.tensor is None
+    fake_driver.calls.clear()
+    releaser = threading.Thread(target=pinned.release)  # from any thread: still in device 1's context
+    releaser.start()
+    releaser.join()
+    assert fake_driver.calls == [("unregister", address, 1), ("release", 1)] and pinned.tensor is None
+    assert fake_driver.stack == []
     pinned.release()  # idempotent
-    assert len(fake_cudart.calls) == 2
+    assert len(fake_driver.calls) == 2
 
 
-def test_pinned_host_failure_is_a_memory_error(fake_cudart, monkeypatch):
-    monkeypatch.setattr(fake_cudart, "cudaHostRegister", lambda *args: 2)
-    with pytest.raises(MemoryError, match="cudaHostRegister of 4096 bytes .* cudaError 2"):
+def test_pinned_host_failure_is_a_memory_error_naming_the_driver_error(fake_driver):
+    fake_driver.register_result = 2
+    with pytest.raises(MemoryError, match="cuMemHostRegister of 4096 bytes .* CUDA_ERROR_OUT_OF_MEMORY \\(2\\)"):
         PinnedHost(10, torch.uint16, torch.device("cuda", 0))
+    assert fake_driver.stack == []  # the context was popped on the way out
+
+
+def test_the_side_stream_is_the_rings_own_non_blocking_stream(fake_driver, monkeypatch):
+    made = []
+    monkeypatch.setattr(torch.cuda, "ExternalStream", lambda handle, device: made.append((handle, device)) or "s")
+    assert CudaOps(torch.device("cuda", 1)).new_stream() == "s"
+    assert made == [(77, torch.device("cuda", 1))] and ("stream", 1, 1) in fake_driver.calls  # 1 = non-blocking
 
 
 def test_cuda_ops_enter_thread_sets_device_stream_and_capture_mode(monkeypatch):
     calls = []
+
+    class Lib:
+        def relax_capture_mode(self):
+            calls.append(("relaxed",))
+
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("device", d)))
     monkeypatch.setattr(torch.cuda, "set_stream", lambda s: calls.append(("stream", s)))
-    monkeypatch.setattr(cuda_module, "_relax_capture_mode", lambda: calls.append(("relaxed",)))
+    monkeypatch.setattr(cuda_module, "libcuda", lambda: Lib())
     CudaOps(torch.device("cuda", 3)).enter_thread("side")
     assert calls == [("device", torch.device("cuda", 3)), ("stream", "side"), ("relaxed",)]
     calls.clear()
@@ -146,11 +203,14 @@ def expected_windows(paths, starts):
     return torch.from_numpy(tokens[starts.numpy()[:, None] + np.arange(T)])
 
 
-def drive(ring, gpu, mode, steps, lag, seed=0):
+def drive(ring, gpu, mode, steps, lag, seed=0, streams=None):
     """The loader's use of a ring: acquire, a gather queued on the current stream, release; the "GPU" runs
-    the queued gathers only every `lag` steps (or when the ring makes it). Returns each step's (x, starts)."""
+    the queued gathers only every `lag` steps (or when the ring makes it). With `streams`, the consumer
+    switches to the next one every 7 steps. Returns each step's (x, starts)."""
     layout, results = ring.layout, []
-    for step in steps:
+    for i, step in enumerate(steps):
+        if streams and i % 7 == 0:
+            gpu.use_stream(streams[i // 7 % len(streams)])
         tokens = ring.acquire(step)
         try:
             starts, visits = window_starts_and_visits(mode, seed, step, torch.arange(G), G, N, T, layout.chunking)
@@ -161,13 +221,16 @@ def drive(ring, gpu, mode, steps, lag, seed=0):
                 out["x"] = gather_reference([tokens], torch.tensor([0, tokens.numel()]), positions, T,
                                             torch.int64)[0]
 
-            gpu.current_stream().enqueue(gather)
+            slots = [] if visits is None else sorted(set((visits % layout.num_slots).tolist()))
+            reads = [tokens[k * layout.slot_tokens:(k + 1) * layout.slot_tokens] for k in slots] or [tokens]
+            gpu.launch(gather, reads)
             results.append((out, starts))
         finally:
             ring.release(step)
         if len(results) % lag == 0:
-            gpu.default_stream.synchronize()
-    gpu.default_stream.synchronize()
+            gpu.current_stream().synchronize()
+    gpu.synchronize()
+    gpu.use_stream(gpu.default_stream)
     return [(out["x"], starts) for out, starts in results]
 
 
@@ -183,7 +246,7 @@ def test_chunked_ring_orders_copies_and_gathers(make_shards, placement, mode, la
     steps = list(range(0, 400)) + [37, 38, 900, 901]  # two epochs of visits, then a jump back and far ahead
     for step, (x, starts) in zip(steps, drive(ring, gpu, mode, steps, lag)):
         assert torch.equal(x, expected_windows(paths, starts)), (placement, mode, step)
-    assert gpu.violations == [] and {name for name, _ in gpu.entered} == {"gpuload-ring-fill"}
+    assert gpu.violations == [] and gpu.races == [] and {name for name, _ in gpu.entered} == {"gpuload-ring-fill"}
     assert all(device == gpu.device for _, device in gpu.entered)
     ring.close()
     assert gpu.pending() == 0  # close() waited for every copy and gather queued on the ring's memory
@@ -224,7 +287,7 @@ def test_whole_stream_ring(make_shards, placement):
         assert gpu.live_pinned_bytes() == 0 and ring.pinned_bytes() == 0
     else:
         assert gpu.live_pinned_bytes() == ring.pinned_bytes() == -(-N * 4 // PAGE_BYTES) * PAGE_BYTES
-    assert gpu.violations == []
+    assert gpu.violations == [] and gpu.races == []
     ring.close()
     assert gpu.pending() == 0 and gpu.live_pinned_bytes() == 0
 
@@ -300,4 +363,74 @@ def test_a_second_reader_is_refused_not_blocked(make_shards):
     ring.release(0)
     ring.acquire(1)
     ring.release(1)
+    ring.close()
+
+
+@pytest.mark.parametrize("placement", ["device", "zero-copy"])
+def test_a_consumer_that_changes_streams_keeps_its_batches(make_shards, placement):
+    """Gathers queued on a stream the loop left are waited for before their slots are refilled."""
+    paths = make_shards([N])
+    gpu = FakeGPU()
+    ring = Ring(TokenStream(paths), plan_ring(N, 4, T, G, SMALL_RING), "sequential", 0, gpu.device, placement,
+                ops=gpu)
+    streams = [gpu.new_stream() for _ in range(3)]
+    steps = list(range(300))
+    for step, (x, starts) in zip(steps, drive(ring, gpu, "sequential", steps, lag=50, streams=streams)):
+        assert torch.equal(x, expected_windows(paths, starts)), step
+    assert gpu.races == []
+    ring.close()
+    assert gpu.pending() == 0 and gpu.live_pinned_bytes() == 0
+
+
+def test_a_close_that_times_out_frees_the_ring_when_next_returns(make_shards, monkeypatch):
+    monkeypatch.setattr("gpuload.ring.CLOSE_WAIT_S", 0.2)
+    gpu = FakeGPU()
+    ring = Ring(TokenStream(make_shards([N])), plan_ring(N, 4, T, G, None), "random", 0, gpu.device, "zero-copy",
+                ops=gpu)
+    tokens = ring.acquire(0)
+    with pytest.warns(RuntimeWarning, match="freed when it returns"):
+        closer = threading.Thread(target=ring.close)
+        closer.start()
+        closer.join(10)
+    assert ring.host is not None  # not freed under the reader
+    gpu.current_stream().enqueue(lambda: tokens.sum())
+    ring.release(0)
+    assert ring.host is None and gpu.pending() == 0 and gpu.live_pinned_bytes() == 0
+
+
+def test_a_ring_collected_during_a_capture_is_freed_after_it(make_shards):
+    import gc
+
+    from gpuload import ring as ring_module
+
+    gpu = FakeGPU()
+    ring = Ring(TokenStream(make_shards([N])), plan_ring(N, 4, T, G, None), "random", 0, gpu.device, "zero-copy",
+                ops=gpu)
+    ring.acquire(0)
+    ring.release(0)
+    gpu.capturing_now = True
+    del ring
+    gc.collect()
+    assert gpu.live_pinned_bytes() > 0 and len(ring_module._leftovers) == 1  # no synchronize inside the capture
+    gpu.capturing_now = False
+    ring_module._free_leftovers()
+    assert gpu.live_pinned_bytes() == 0 and ring_module._leftovers == []
+
+
+@pytest.mark.parametrize("placement", ["device", "zero-copy"])
+def test_refills_after_a_jump_or_a_new_seed_wait_for_the_queued_gathers(make_shards, placement):
+    """A restart reloads slots that gathers still queued may read (a step back into the same visits, or a
+    resume with another seed at the same step): it must wait for all of them."""
+    paths = make_shards([N])
+    gpu = FakeGPU()
+    ring = Ring(TokenStream(paths), plan_ring(N, 4, T, G, SMALL_RING), "shuffle", 0, gpu.device, placement, ops=gpu)
+    steps = [60, 61, 62, 31, 32, 33]  # visit 1 (steps 32-63); step 31 starts in visit 0: a restart at visit 0
+    results = drive(ring, gpu, "shuffle", steps, lag=100)
+    for step, (x, starts) in zip(steps, results):
+        assert torch.equal(x, expected_windows(paths, starts)), step
+    ring.reset(5)  # another seed, same steps: every slot reloads with other chunks
+    results = drive(ring, gpu, "shuffle", [33, 34, 35], lag=100, seed=5)
+    for step, (x, starts) in zip([33, 34, 35], results):
+        assert torch.equal(x, expected_windows(paths, starts)), step
+    assert gpu.races == []
     ring.close()

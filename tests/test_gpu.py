@@ -156,7 +156,8 @@ def test_rings_pin_exactly_and_give_it_back(make_shards):
 
 @pytest.mark.parametrize("placement", ["device", "zero-copy"])
 def test_close_right_after_next_under_refills(make_shards, placement):
-    """close() while copies and gathers are queued: the batches already returned stay right."""
+    """close() while copies and gathers are queued: the batches already returned stay right, and memory
+    allocated right after (blocks the size of the ring's, from the same pool) is not written by them."""
     paths = make_shards([N])
     kw = dict(batch_size=B, seq_len=T, sampling="shuffle", seed=1, ring_tokens=SMALL_RING)
     want = take(loader(paths, backend="torch", device="cpu", **kw), 50)
@@ -164,22 +165,35 @@ def test_close_right_after_next_under_refills(make_shards, placement):
         ld = loader(paths, backend="triton", device="cuda", placement=placement, **kw)
         got = take(ld, 50)
         ld.close()
-        scratch = torch.full((1 << 20,), -1, dtype=torch.int64, device="cuda")  # would reuse freed ring memory
+        scratch = [torch.full((SMALL_RING,), -1, dtype=torch.int32, device="cuda") for _ in range(16)]
         assert_equal_batches(got, want)
-        assert bool((scratch == -1).all())
+        assert all(bool((block == -1).all()) for block in scratch)
 
 
-def test_graph_capture_while_the_ring_refills(make_shards):
-    """The training loop captures CUDA graphs (global mode, torch's default) while the filler thread copies
-    and waits on events: each jump below restarts the fill, and the capture runs while it loads 3 visits."""
+def test_graph_capture_while_the_ring_refills(make_shards, monkeypatch):
+    """The training loop captures CUDA graphs (global mode, torch's default) while the fill thread copies and
+    waits on events: each capture stays open until the thread has made CUDA calls during it."""
+    from gpuload import ring as ring_module
+
+    in_capture, filler_ran = threading.Event(), threading.Event()
+    take_buffer = ring_module._Staging.take
+
+    def take_during_capture(self):
+        taken = take_buffer(self)  # may wait on an event: a call the global capture mode would forbid
+        if in_capture.is_set():
+            filler_ran.set()
+        return taken
+
+    monkeypatch.setattr(ring_module._Staging, "take", take_during_capture)
+    monkeypatch.setattr(ring_module, "FILL_PIECE_BYTES", 64 << 10)  # many copies and waits per visit
     paths = make_shards([8_000_000])  # 32 MB; the ring's 4 slots of 4 MB hold a visit of ~4096 steps each
     kw = dict(batch_size=B, seq_len=64, sampling="sequential", ring_tokens=4 << 20)
     reference = loader(paths, backend="torch", device="cpu", **kw)
     ld = loader(paths, backend="triton", device="cuda", placement="device", **kw)
     static = torch.zeros(1024, device="cuda")
-    got, want = [], []
-    for jump in range(20):
-        for each in (ld, reference):
+    got, want, overlapped = [], [], 0
+    for jump in range(10):
+        for each in (ld, reference):  # each jump restarts the fill, which then loads 3 visits
             each.load_state_dict({**each.state_dict(), "step": jump * 10_007})
         got.append(next(ld))
         want.append(next(reference))
@@ -189,10 +203,15 @@ def test_graph_capture_while_the_ring_refills(make_shards):
         with torch.cuda.stream(side):
             static.add_(1)  # warm-up outside the capture, as torch.cuda.graph wants
         torch.cuda.current_stream().wait_stream(side)
+        filler_ran.clear()
         with torch.cuda.graph(graph):
+            in_capture.set()
             static.mul_(2)
+            overlapped += filler_ran.wait(5)
+            in_capture.clear()
         graph.replay()
     torch.cuda.synchronize()
+    assert overlapped >= 5  # the fill thread really worked during most captures
     assert_equal_batches(got, want)
     ld.close()
 
