@@ -8,7 +8,10 @@ The loop is nanoGPT's: the next batch is fetched right after the forward pass is
 works asynchronously overlaps the device's work. Each provider trains the same model for `--rounds`
 blocks of `--steps` steps; a block is timed between two device synchronizations. `resident` feeds one
 batch that is already on the device every step: the same step with no loader. stall = 1 - resident step
-time / provider step time, the fraction of the step spent waiting for data.
+time / provider step time, the fraction of the step spent waiting for data. On CUDA two more rows capture
+the whole step (forward, backward, a capturable fused AdamW) in one CUDA graph: `resident-graph`, and
+`gpuload-cuda-triton-graph` with next() captured inside it (static buffers, the step on the device);
+their stall is against `resident-graph` (target: within 1%).
 """
 
 from __future__ import annotations
@@ -134,6 +137,62 @@ def time_feeds(model, optimizer, names, shards, B: int, T: int, device: torch.de
     return rows
 
 
+def graph_feeds(model, shards, B: int, T: int, device: torch.device, steps: int, rounds: int, resident) -> list[dict]:
+    """CUDA only: the whole training step captured in one CUDA graph (torch's whole-network recipe, a
+    capturable fused AdamW), fed by a resident batch or by gpuload's next() captured inside the same graph
+    (static buffers: the step lives on the device, so each replay trains on the next batch)."""
+    from gpuload import GPULoader
+
+    rows = []
+    for name in ("resident-graph", "gpuload-cuda-triton-graph"):
+        loader = None
+        try:
+            if name == "resident-graph":
+                fetch = lambda: resident  # noqa: E731
+            else:
+                loader = GPULoader([s.path for s in shards], batch_size=B, seq_len=T, sampling="random", seed=0,
+                                   rank=0, world_size=1, device=device, backend="triton", static_buffers=True,
+                                   token_dtype=shards[0].dtype)
+                fetch = loader.__next__
+            optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=True, capturable=True)
+            autocast = torch.autocast("cuda", dtype=torch.bfloat16)
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up outside the capture: optimizer state, cuBLAS workspaces
+                for _ in range(3):
+                    x, y = fetch()
+                    with autocast:
+                        loss = model(x, y)
+                    loss.backward()
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                x, y = fetch()
+                with autocast:
+                    loss = model(x, y)
+                loss.backward()
+                optimizer.step()
+            times = []
+            for _ in range(rounds):
+                synchronize(device)
+                t0 = time.perf_counter()
+                for _ in range(steps):
+                    graph.replay()
+                synchronize(device)
+                times.append((time.perf_counter() - t0) / steps * 1e3)
+            rows.append({"provider": name, "ms_per_step": float(np.median(times)),
+                         "p10_ms": float(np.quantile(times, 0.1)), "p90_ms": float(np.quantile(times, 0.9)),
+                         "block_ms": times})
+        except Exception as e:  # measured on a GPU only: report what failed, keep the other rows
+            rows.append({"provider": name, "error": f"{type(e).__name__}: {e}"})
+        finally:
+            if loader is not None:
+                loader.close()
+    return rows
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", metavar="GLOB", help="shards to train on (default: gpuload bench's demo dataset)")
@@ -173,18 +232,29 @@ def main(argv=None) -> dict:
         parser.error(str(e))
     finally:
         torch.set_num_threads(threads)
+    graphs = []
+    if device.type == "cuda" and "gpuload-cuda-triton-ring" in names:
+        resident = tuple(t.clone() for t in make_provider("nanogpt", shards, B, T, device)())
+        graphs = graph_feeds(model, shards, B, T, device, steps, rounds, resident)
 
     base = rows[0]["ms_per_step"]
     for r in rows:
         r["stall"] = 1.0 - base / r["ms_per_step"]
+    graph_base = graphs[0].get("ms_per_step") if graphs else None
+    for r in graphs:  # against the same captured step fed by a resident batch
+        if "ms_per_step" in r and graph_base:
+            r["stall"] = 1.0 - graph_base / r["ms_per_step"]
     machine = machine_info()
     params = sum(p.numel() for p in model.parameters())
     print(f"GPT: {layers} layers, {heads} heads, width {width}, {params / 1e6:.1f}M parameters; B={B}, T={T}, "
           f"{rounds} blocks of {steps} steps on {device}; {dataset['source']}")
     print(f"{'provider':<30} {'ms/step':>9} {'p10-p90 ms':>17} {'data stall':>10}")
-    for r in rows:
+    for r in rows + graphs:
+        if "error" in r:
+            print(f"{r['provider']:<30} failed: {r['error']}")
+            continue
         spread = f"{r['p10_ms']:.2f}-{r['p90_ms']:.2f}"
-        print(f"{r['provider']:<30} {r['ms_per_step']:>9.2f} {spread:>17} {100 * r['stall']:>9.1f}%")
+        print(f"{r['provider']:<30} {r['ms_per_step']:>9.2f} {spread:>17} {100 * r.get('stall', 0.0):>9.1f}%")
     for s in skipped:
         print(f"skipped {s['provider']}: {s['reason']}")
     print(machine_line(machine))
@@ -192,7 +262,7 @@ def main(argv=None) -> dict:
         "train_step", argv, args.json, model={"layers": layers, "heads": heads, "width": width,
                                              "vocab": args.vocab_size, "parameters": params},
         batch_size=B, seq_len=T, steps=steps, rounds=rounds, warmup=warmup, device=str(device), dataset=dataset,
-        machine=machine, rows=rows, skipped=skipped)
+        machine=machine, rows=rows, graph_rows=graphs, skipped=skipped)
 
 
 if __name__ == "__main__":

@@ -237,6 +237,10 @@ class CudaOps:
     def current_stream(self):
         return torch.cuda.current_stream(self.device)
 
+    def current_stream_handle(self) -> int:
+        """The current stream's handle (cheaper than current_stream(): no Python object)."""
+        return torch._C._cuda_getCurrentRawStream(self.device.index)
+
     def synchronize(self) -> None:
         torch.cuda.synchronize(self.device)
 

@@ -319,6 +319,7 @@ class Ring:
         self._visits_of = self._visit_rule()
         self._last_visits: Optional[tuple[int, int]] = None  # (first, last) visit of the previous step
         self._consumer = None      # (raw handle, stream) the gathers are queued on
+        self._settled: Optional[tuple[int, int]] = None  # the last step's visits, when all is done for them
         self._waited_through = -1  # the consumer stream waits for the copies of visits up to this one
         if self.ops is not None and placement == "device":
             free = self.ops.free_bytes()
@@ -396,6 +397,10 @@ class Ring:
     def _acquire(self, step: int) -> torch.Tensor:
         first, last = self._visits_of(step)
         ops = self.ops
+        if (first, last) == self._settled and not self.closed and (
+                ops is None or ops.current_stream_handle() == self._consumer[0]):
+            return self.tokens  # the visits of the step before, loaded and waited for on this stream
+        self._settled = None
         if ops is not None and self.layout.chunking is not None:
             self._follow_consumer(first, last)
         filler = self.filler
@@ -418,20 +423,22 @@ class Ring:
                 if copied is not None:
                     stream.wait_event(copied)
             self._waited_through = last
+        if self.layout.chunking is not None:
+            self._settled = (first, last)
         return tokens
 
     def _follow_consumer(self, first: int, last: int) -> None:
         """CUDA, chunked: guard the slots of the visits the previous step read and this one leaves behind."""
         ops = self.ops
-        handle = ops.current_stream()
-        if self._consumer is None or handle != self._consumer[1]:
+        stream = ops.current_stream()
+        if self._consumer is None or stream != self._consumer[1]:
             if ops.capturing():
                 raise capture_error("next() on a ring smaller than the stream")
             if self._consumer is not None:  # gathers queued on the previous stream: wait for them here
                 done = ops.new_event()
                 done.record(self._consumer[1])
                 done.synchronize()
-            self._consumer = (None, handle)
+            self._consumer = (ops.current_stream_handle(), stream)
             self._waited_through = -1
         previous = self._last_visits
         self._last_visits = (first, last)
@@ -473,6 +480,7 @@ class Ring:
                 read.record(self._consumer[1])
                 self.slot_read[:] = [read] * self.layout.num_slots
             self._waited_through = first_visit - 1  # the visits from here on are loaded anew
+            self._settled = None
             self.filler = _Filler(self, first_visit)
             return self.filler
 
@@ -481,6 +489,7 @@ class Ring:
         if self.filler is not None and self.layout.chunking is not None:
             self.filler.stop()
             self.filler = None
+        self._settled = None
         self.seed = seed
 
     def close(self) -> None:

@@ -166,6 +166,9 @@ class FakeGPU:
     def current_stream(self) -> FakeStream:
         return getattr(self._local, "stream", self.default_stream)
 
+    def current_stream_handle(self) -> int:
+        return id(self.current_stream())
+
     def use_stream(self, stream: FakeStream) -> None:
         """The calling thread's current stream from now on (torch.cuda.set_stream)."""
         self._local.stream = stream

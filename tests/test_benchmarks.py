@@ -4,6 +4,7 @@ import importlib.util
 import json
 import os
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -125,3 +126,18 @@ def test_gpu_acceptance_dry_run_lists_its_steps_and_checks_arguments(tmp_path):
                           (["--frobnicate"], "unknown argument"), (["--out"], "usage")):
         bad = subprocess.run(["bash", script, "--dry-run", *args], capture_output=True, text=True, timeout=60)
         assert bad.returncode == 2 and message in bad.stderr, (args, bad.stderr)
+
+
+def test_bench_host_quick_checks_the_launch_and_counts_no_allocation_with_static_buffers(tmp_path):
+    """The stubbed host benchmark in a fresh process (kernels compiled for sm_90, only the launcher stubbed):
+    the loader's launch passes the kernel what Triton's own route passes, and static buffers allocate nothing."""
+    out = tmp_path / "host.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, os.path.join(BENCH_DIR, "bench_host.py"), "--quick", "--json", str(out)],
+                         capture_output=True, text=True, timeout=600, env={**env, "TRITON_CACHE_DIR": str(tmp_path)})
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = {(r["backend"], r["config"]): r for r in json.loads(out.read_text())["rows"]}
+    static, fresh = rows["triton", "static-whole-random"], rows["triton", "whole-random"]
+    assert static["launch_check"] == fresh["launch_check"] == "equal"
+    assert static["torch_ops_per_step"] == 0 and fresh["torch_ops_per_step"] <= 2  # x and y, nothing else
+    assert static["stubbed"] and static["median_us"] > 0 and static["calls_per_step"] > 0

@@ -45,7 +45,8 @@ def test_every_variant_compiles_without_problems(compiled, arch):
     assert len(structures) == 20  # 3 modes x whole/chunked x mixture; align='bos' for random and shuffle
     assert {c["BLOCK"] for c in gathers} == {16, 32, 64, 128, 256, 512, 1024, 2048}
     assert {c["num_warps"] for c in gathers} == {1, 2, 4, 8}
-    assert {(c["STEP_FROM_PTR"], c["WRITE_STARTS"]) for c in gathers} >= {(False, False), (True, False), (False, True)}
+    assert {(c["STEP_FROM_PTR"], c["ADVANCE_STEP"], c["WRITE_STARTS"]) for c in gathers} >= {
+        (False, False, False), (True, False, False), (True, True, False), (False, False, True)}
     docs = {v["kernel"] for v in variants} - {"_gather_batch_kernel"}
     assert docs == {"_count_segments_kernel", "_doc_info_kernel"}
 

@@ -75,8 +75,8 @@ def test_a_ring_refuses_an_unindexed_cuda_device(make_shards):
 def test_next_inside_a_graph_capture_is_refused(two_gpus, make_shards, monkeypatch):
     pytest.importorskip("gpuload._native")
     ld = GPULoader(make_shards([N]), batch_size=G, seq_len=T, device="cuda", backend="native", rank=0, world_size=1)
-    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    monkeypatch.setattr(torch._C, "_cuda_getDevice", lambda: 0, raising=False)
+    monkeypatch.setattr(torch._C, "_cuda_isCurrentStreamCapturing", lambda: True, raising=False)
     with pytest.raises(RuntimeError, match="CUDA graph is being captured .* outside the captured region"):
         next(ld)
     assert ld.step == 0

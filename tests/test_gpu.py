@@ -216,8 +216,10 @@ def test_graph_capture_while_the_ring_refills(make_shards, monkeypatch):
     ld.close()
 
 
-def test_next_inside_a_capture_says_what_to_do(make_shards):
-    ld = loader(make_shards([N]), backend="triton", device="cuda", batch_size=B, seq_len=T, static_buffers=True)
+@pytest.mark.parametrize("kw", [dict(static_buffers=False), dict(static_buffers=True, ring_tokens=SMALL_RING)])
+def test_next_inside_a_capture_that_cannot_work_says_what_to_do(make_shards, kw):
+    """Fresh outputs, or a ring that refills: the step needs the host, so a capture is refused, not repeated."""
+    ld = loader(make_shards([N]), backend="triton", device="cuda", batch_size=B, seq_len=T, **kw)
     next(ld)
     graph = torch.cuda.CUDAGraph()
     with pytest.raises(RuntimeError, match="CUDA graph is being captured"):
@@ -225,6 +227,36 @@ def test_next_inside_a_capture_says_what_to_do(make_shards):
             next(ld)
     assert ld.step == 1
     next(ld)
+
+
+@pytest.mark.parametrize("placement", ["device", "zero-copy"])
+@pytest.mark.parametrize("mixture,docs", [(False, False), (True, False), (False, True)])
+def test_each_replay_of_a_captured_next_gathers_the_next_batch(tmp_path, make_shards, placement, mixture, docs):
+    from gpuload.documents import doc_info_reference
+
+    paths = make_shards([N])
+    files = {"a": paths, "b": make_shards([4000], prefix="b")} if mixture else paths
+    kw = dict(batch_size=B, seq_len=T, sampling="shuffle", seed=9, weights={"a": 1, "b": 1} if mixture else None)
+    if docs:
+        kw.update(bos_token=0, doc_info=True)  # token = position: one document, whose start no row holds
+    want = take(loader(files, backend="torch", device="cpu", **kw), 12)
+    ld = loader(files, backend="triton", device="cuda", placement=placement, static_buffers=True, **kw)
+    assert_equal_batches([next(ld)[:2]], [want[0][:2]])  # step 0 eagerly: compiles, loads the ring
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        batch = next(ld)  # captured, not run: the gather reads the device step and advances it
+        checksum = batch[0].sum() + batch[1].sum()
+    for step in range(1, 11):
+        graph.replay()
+        assert torch.equal(batch[0].cpu(), want[step][0]) and torch.equal(batch[1].cpu(), want[step][1]), step
+        assert int(checksum) == int(want[step][0].sum() + want[step][1].sum())
+        if docs:
+            ref = doc_info_reference(want[step][0], 0, ld.doc_capacity)
+            assert torch.equal(batch[2].cu_seqlens.cpu(), ref.cu_seqlens)
+            assert torch.equal(batch[2].position_ids.cpu(), ref.position_ids)
+    assert ld.step == 11 and ld.state_dict()["step"] == 11  # the only sync: the device counter read back
+    x = next(ld)[0]  # the eager path goes on from the counter too
+    assert torch.equal(x.cpu(), want[11][0])
 
 
 def test_two_threads_on_one_loader_are_refused_or_served_in_turn(make_shards):

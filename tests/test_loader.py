@@ -357,7 +357,7 @@ def test_doc_info_marks_documents_of_each_row(tmp_path, backend):
     tokens = rng.integers(1, 1000, 3000).astype(np.uint16)
     tokens[rng.choice(3000, 150, replace=False)] = 0  # documents of random lengths, bos = 0
     write_shard(tmp_path / "docs_0.bin", tokens)
-    ld = loader(str(tmp_path / "docs_0.bin"), batch_size=3, seq_len=40, bos_token=0, doc_info=True, backend=backend)
+    ld = loader(str(tmp_path / "docs_0.bin"), batch_size=3, seq_len=40, bos_token=0, doc_info="exact", backend=backend)
     for _ in range(3):
         x, y, doc = next(ld)
         want = doc_info_reference(x.cpu(), 0)
@@ -367,6 +367,39 @@ def test_doc_info_marks_documents_of_each_row(tmp_path, backend):
         assert torch.equal(doc.position_ids.cpu() == 0, restarts)
     with pytest.raises(ValueError, match="need bos_token=ID"):
         loader(str(tmp_path / "docs_0.bin"), batch_size=3, seq_len=40, doc_info=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_doc_info_by_default_has_fixed_shapes_and_needs_no_sync(tmp_path, backend):
+    from gpuload.documents import doc_info_reference, document_starts, max_segments_per_row
+    from gpuload.shards import write_shard
+
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(1, 1000, 5000).astype(np.uint16)
+    tokens[rng.choice(5000, 400, replace=False)] = 0
+    tokens[2000:2030:2] = 0  # a burst of tiny documents: the busiest window sets the default capacity
+    path = str(tmp_path / "docs_0.bin")
+    write_shard(path, tokens)
+    ld = loader(path, batch_size=4, seq_len=40, bos_token=0, doc_info=True, backend=backend, sampling="shuffle")
+    bound = max_segments_per_row(document_starts([tokens], 0), 40)
+    assert ld.doc_capacity == 4 * bound
+    for _ in range(30):
+        x, y, doc = next(ld)
+        want = doc_info_reference(x.cpu(), 0, ld.doc_capacity)
+        assert doc.cu_seqlens.shape == (ld.doc_capacity + 1,) and doc.max_seqlen == 40  # T: a bound, no sync
+        assert torch.equal(doc.cu_seqlens.cpu(), want.cu_seqlens)
+        assert torch.equal(doc.position_ids.cpu(), want.position_ids)
+        assert isinstance(doc.num_segments, torch.Tensor) and int(doc.num_segments) == int(want.num_segments)
+        assert int(doc.num_segments) <= ld.doc_capacity
+    small = loader(path, batch_size=4, seq_len=40, bos_token=0, doc_info=True, doc_capacity=4, backend=backend)
+    x, _, doc = next(small)
+    assert int(doc.num_segments) > 4 and doc.cu_seqlens.shape == (5,)  # an overflow shows, without a sync
+    assert torch.equal(doc.cu_seqlens.cpu(), doc_info_reference(x.cpu(), 0, 4).cu_seqlens)
+    for bad, match in ((dict(doc_capacity=3), r"doc_capacity must be in \[batch_size"),
+                       (dict(doc_capacity=8, doc_info="exact"), "pass doc_info=True"),
+                       (dict(doc_info="fast"), "doc_info must be")):
+        with pytest.raises(ValueError, match=match):
+            loader(path, batch_size=4, seq_len=40, bos_token=0, **{"doc_info": True, **bad})
 
 
 def document_shards(tmp_path, dtype=np.uint16):
@@ -475,3 +508,26 @@ def test_aligned_small_ring_resumes_exactly_on_another_world_size(tmp_path, back
         assert torch.equal(torch.cat([p[0] for p in parts]), x) and torch.equal(torch.cat([p[1] for p in parts]), y)
     with pytest.raises(ValueError, match="ring chunking differs"):
         loader(paths, batch_size=4, **{**kw, "ring_tokens": 8 * 4096}).load_state_dict(state)
+
+
+@pytest.mark.skipif(not TRITON, reason="needs the triton backend (CUDA, or the interpreter)")
+@pytest.mark.parametrize("weights", [None, {"a": 2, "b": 1}])
+def test_static_buffers_keep_the_step_on_the_device(make_shards, tmp_path, weights):
+    """Static outputs on whole-stream rings: the kernel reads the step from a device counter and advances it
+    (what a CUDA graph replays); batches, state_dict and resume are exactly the host-stepped ones."""
+    paths = make_shards([3000])
+    files = paths if weights is None else {"a": paths, "b": make_shards([2000], prefix="b")}
+    kw = dict(batch_size=4, seq_len=16, sampling="shuffle", seed=3, backend="triton", weights=weights)
+    want = [tuple(t.cpu() for t in batch) for batch in batches(loader(files, **kw), 12)]
+    ld = loader(files, static_buffers=True, **kw)
+    assert ld._producer.counter is not None
+    got = [tuple(t.cpu().clone() for t in next(ld)) for _ in range(8)]  # static: the same tensors every step
+    assert ld.step == 8 and ld.state_dict()["step"] == 8  # read back from the device counter
+    assert_same(got, want[:8])
+    resumed = loader(files, static_buffers=True, **kw)
+    resumed.load_state_dict(ld.state_dict())
+    assert_same([tuple(t.cpu().clone() for t in next(resumed)) for _ in range(4)], want[8:])
+    chunked = loader(make_shards([6000], prefix="long"), static_buffers=True, ring_tokens=4096,
+                     **{**kw, "weights": None})
+    assert chunked.sources[0].chunking is not None
+    assert chunked._producer.counter is None  # a ring that refills needs the host every step

@@ -26,6 +26,12 @@ import torch
 _INTERPRETED = "InterpretedFunction"
 
 
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (>= 1). Not triton.next_power_of_2: in triton 3.9 that is a
+    ConstexprFunction costing ~4 us per call on the host."""
+    return 1 << (max(n, 1) - 1).bit_length()
+
+
 def is_interpreted(kernel) -> bool:
     return type(kernel).__name__ == _INTERPRETED
 
@@ -72,6 +78,10 @@ class PreparedLaunch:
         if self.compiled is not None and isinstance(value, torch.Tensor):
             value = self._as_argument(value)
         self.values[slot] = value
+
+    def set_device_tensor(self, slot: int, tensor: torch.Tensor) -> None:
+        """`set` for a tensor known to be in device memory (the per-step outputs): no device lookup."""
+        self.values[slot] = tensor if self.compiled is None else tensor.data_ptr()
 
     def __call__(self) -> None:
         """Launch on the current stream of the launch's device (made current for the call if it is not)."""

@@ -6,8 +6,8 @@
 Triton compiles for the current device's target, and a CPU machine has none: a stand-in driver
 (`StandInDriver`) names the target instead. The launchers then run exactly as in training, on CPU tensors
 (they are told the interpreter is on, so they accept them), over `LAUNCH_CASES`: every sampling mode x
-token width x x dtype x whole/chunked ring x mixture x align='bos' (plus the step as a tensor and the
-starts output), each BLOCK / num_warps the heuristic can pick, odd T, T = 1 and a large B, and the doc
+token width x x dtype x whole/chunked ring x mixture x align='bos' (plus the step as a tensor, the
+device step counter and the starts output), each BLOCK / num_warps the heuristic can pick, odd T, T = 1 and a large B, and the doc
 info kernels with and without a capacity. Each launch becomes `JITFunction.warmup`, which compiles
 without launching: Triton's own argument binding and specialization pick the variant, the wheel's
 ptxas makes the cubin. Then, per variant:
@@ -23,6 +23,7 @@ starts one); nothing here needs a GPU or CUDA's driver.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import json
 import os
@@ -44,13 +45,21 @@ BOS = 7
 
 class StandInDriver:
     """What Triton's JIT asks of a driver before it compiles: the target. The device id is the arch, so
-    kernels compiled for two archs in one process do not share a cache entry."""
+    kernels compiled for two archs in one process do not share a cache entry.
 
-    def __init__(self, arch: int):
+    With `stub_launches`, compiled kernels also "load" and "launch": the module handles are dummies and
+    the launcher (Triton's CudaLauncher: its scratch handling and the C call) is `StubLauncher`, which
+    records its arguments and does nothing; everything before it runs as on a GPU
+    (benchmarks/bench_host.py prices the host side of a launch this way)."""
+
+    def __init__(self, arch: int, stub_launches: bool = False):
         from triton.backends.compiler import GPUTarget
 
         self.arch = arch
         self.target = GPUTarget("cuda", arch, 32)
+        if stub_launches:
+            self.utils = _StubUtils()
+            self.launcher_cls = StubLauncher
 
     def get_current_target(self):
         return self.target
@@ -63,6 +72,34 @@ class StandInDriver:
 
     def get_active_torch_device(self):
         return torch.device("cpu")
+
+
+class _StubUtils:
+    """The driver utilities a compiled kernel uses when it is first launched: dummy handles, H100-like limits."""
+
+    def load_binary(self, name, kernel, shared, device):
+        return 1, 1, 0, 0, 1024  # module, function, registers, spills, max threads per block
+
+    def get_device_properties(self, device):
+        return {"max_shared_mem": 227 << 10, "multiprocessor_count": 132, "max_num_regs": 65536, "warpSize": 32,
+                "sm_clock_rate": 1980000, "mem_clock_rate": 2619000, "mem_bus_width": 5120}
+
+    def unload_module(self, module):
+        pass
+
+
+class StubLauncher:
+    """Stands in for a compiled kernel's launcher; `recent` holds the arguments of the latest launches."""
+
+    launches = 0
+    recent: collections.deque = collections.deque(maxlen=16)
+
+    def __init__(self, src, metadata):
+        pass
+
+    def __call__(self, grid_x, grid_y, grid_z, stream, function, *args):
+        StubLauncher.launches += 1
+        StubLauncher.recent.append((grid_x, grid_y, grid_z, stream, function, args))
 
 
 @dataclass
@@ -138,7 +175,8 @@ def _stream(token_dtype: torch.dtype, num_tokens: int) -> torch.Tensor:
 
 
 def gather_case(sampling: str, token: str = "u16", x: str = "i64", B: int = 32, T: int = 1024, chunked: bool = False,
-                mixed: bool = False, aligned: bool = False, step_tensor: bool = False, starts: bool = False):
+                mixed: bool = False, aligned: bool = False, step_tensor: bool = False, starts: bool = False,
+                counter: bool = False):
     """One gather_batch_triton call as the loader makes it (mixture: source 1 of two, a quarter of the rows)."""
     from gpuload.documents import AlignedChunking, document_starts, usable_document_starts
     from gpuload.kernels.triton_gather import gather_batch_triton
@@ -167,6 +205,8 @@ def gather_case(sampling: str, token: str = "u16", x: str = "i64", B: int = 32, 
     if starts:
         kwargs["out_starts"] = torch.empty(B, dtype=torch.int64)
     step = torch.tensor([7], dtype=torch.int64) if step_tensor else 7
+    if counter:  # the loader's device step counter (static buffers, whole-stream rings: CUDA-graph capture)
+        step, kwargs["step_counter"] = 0, torch.tensor([7, 0], dtype=torch.int64)
     gather_batch_triton(tokens, sampling, 1234, step, 0, B, rows, num_tokens, T, **kwargs)
 
 
@@ -193,6 +233,8 @@ def launch_cases() -> Iterator[tuple[str, Callable[[], None]]]:
         yield gather(**shape, starts=True)
         if not (aligned and chunked):  # align='bos' on a chunked ring takes an int step (its pass table)
             yield gather(**shape, step_tensor=True)
+        if not chunked:
+            yield gather(**shape, counter=True)
     for block in (16, 32, 64, 128, 256, 512, 1024, 2048):  # _block_size: min(pow2(B*T/1024), pow2(T), 2048)
         T = max(16, block)
         B = 1 if block == 16 else -(-block * 1024 // T)

@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from gpuload.documents import DocInfo, check_doc_info_args
+from gpuload.kernels.launch import PreparedLaunch, next_power_of_2
 
 _MIN_BLOCK = 16
 _MAX_BLOCK = 1024  # columns per loop iteration: 1024 x 8 B of positions per store
@@ -101,7 +102,7 @@ def interpreter_active() -> bool:
 
 
 def _block_size(seq_len: int) -> int:
-    return max(_MIN_BLOCK, min(_MAX_BLOCK, triton.next_power_of_2(seq_len)))
+    return max(_MIN_BLOCK, min(_MAX_BLOCK, next_power_of_2(seq_len)))
 
 
 def doc_info_forward(x: torch.Tensor, bos: int, capacity: int, block: int):
@@ -113,9 +114,9 @@ def doc_info_forward(x: torch.Tensor, bos: int, capacity: int, block: int):
     counts = torch.empty(batch, dtype=torch.int32, device=x.device)
     info = torch.empty(2, dtype=torch.int32, device=x.device)  # num_segments, max_seqlen
     num_warps = max(1, min(8, block // 256))
-    _count_segments_kernel[(batch,)](x, counts, cu_seqlens, info, bos, seq_len, cu_len, triton.cdiv(cu_len, batch),
+    _count_segments_kernel[(batch,)](x, counts, cu_seqlens, info, bos, seq_len, cu_len, -(-cu_len // batch),
                                      BLOCK=block, num_warps=num_warps)
-    row_block = min(_MAX_ROW_BLOCK, triton.next_power_of_2(batch))
+    row_block = min(_MAX_ROW_BLOCK, next_power_of_2(batch))
     _doc_info_kernel[(batch,)](x, counts, positions, cu_seqlens, info, bos, seq_len, capacity,
                                BLOCK=block, ROW_BLOCK=row_block, num_warps=num_warps)
     return positions, cu_seqlens, info
@@ -157,3 +158,62 @@ def doc_info_triton(x: torch.Tensor, bos_token: int, capacity: Optional[int] = N
         return DocInfo(positions, cu_seqlens, info[1], info[0])
     num_segments, max_seqlen = info.tolist()
     return DocInfo(positions, cu_seqlens[:num_segments + 1], max_seqlen, num_segments)
+
+
+class PreparedDocInfo:
+    """Doc info of a loader's batches with a fixed capacity, prepared once: both kernels compiled and their
+    arguments kept (gpuload/kernels/launch.py), so a step costs two cheap launches and no sync.
+
+    `static`: the outputs are the same tensors every step (CUDA-graph capture); else fresh ones each step.
+    max_seqlen is T, an upper bound that needs no sync; num_segments is a 0-d int32 tensor (the true count,
+    which exceeds `capacity` when the batch overflowed it)."""
+
+    def __init__(self, x: torch.Tensor, bos_token: int, capacity: int, static: bool):
+        bos = check_doc_info_args(x, bos_token, capacity, "doc info")
+        batch, seq_len = x.shape
+        self.shape, self.capacity, self.static, self.device = (batch, seq_len), capacity, static, x.device
+        block = _block_size(seq_len)
+        options = {"num_warps": max(1, min(8, block // 256))}
+        outputs = self._outputs()
+        positions, cu_seqlens, counts, info = outputs
+        common = {"x_ptr": x, "counts_ptr": counts, "cu_ptr": cu_seqlens, "info_ptr": info, "bos": bos,
+                  "seq_len": seq_len, "BLOCK": block}
+        self.count = PreparedLaunch(_count_segments_kernel, batch, {
+            **common, "cu_len": capacity + 1, "fill_per_row": -(-(capacity + 1) // batch)}, options, x.device)
+        self.scan = PreparedLaunch(_doc_info_kernel, batch, {
+            **common, "pos_ptr": positions, "capacity": capacity,
+            "ROW_BLOCK": min(_MAX_ROW_BLOCK, next_power_of_2(batch))}, options, x.device)
+        self._slots = [(launch, {name: launch.slot(name) for name in launch.names if name.endswith("_ptr")})
+                       for launch in (self.count, self.scan)]
+        self._info = self._result(outputs)
+
+    def _outputs(self):
+        batch, seq_len = self.shape
+        device = self.device
+        return (torch.empty((batch, seq_len), dtype=torch.int64, device=device),
+                torch.empty(self.capacity + 1, dtype=torch.int32, device=device),
+                torch.empty(batch, dtype=torch.int32, device=device),
+                torch.empty(2, dtype=torch.int32, device=device))  # num_segments, max_seqlen
+
+    def _result(self, outputs) -> DocInfo:
+        positions, cu_seqlens, _, info = outputs
+        return DocInfo(positions, cu_seqlens, self.shape[1], info[0])
+
+    def __call__(self, x: torch.Tensor) -> DocInfo:
+        """The doc info of batch `x` (same shape and device as the one prepared with), on the current stream."""
+        if self.static:
+            outputs, result = None, self._info
+        else:
+            outputs = self._outputs()
+            result = self._result(outputs)
+        for launch, slots in self._slots:
+            launch.set_device_tensor(slots["x_ptr"], x)
+            if outputs is not None:
+                positions, cu_seqlens, counts, info = outputs
+                for name, tensor in (("counts_ptr", counts), ("cu_ptr", cu_seqlens), ("info_ptr", info),
+                                     ("pos_ptr", positions)):
+                    if name in slots:
+                        launch.set_device_tensor(slots[name], tensor)
+        self.count()  # PreparedLaunch makes the batch's device current when it is not
+        self.scan()
+        return result

@@ -19,7 +19,7 @@ int64 has.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import triton
@@ -27,10 +27,10 @@ import triton.language as tl
 
 from gpuload.cuda import resolve_device
 from gpuload.documents import ALIGNED_MODES, SALT_ALIGNED_RANDOM, AlignedChunking
+from gpuload.kernels.launch import PreparedLaunch, next_power_of_2
 from gpuload.mixture import SALT_MIXTURE
 from gpuload.sampling import (FEISTEL_ROUNDS, MIX_C1, MIX_C2, SALT_CHUNKS, SALT_RANDOM, SALT_SHUFFLE, SAMPLING_IDS,
-                              SAMPLING_MODES, Chunking, check_domain, feistel_half_bits, to_signed,
-                              windows_per_epoch)
+                              SAMPLING_MODES, Chunking, check_domain, feistel_half_bits, to_signed, windows_per_epoch)
 
 # Module globals used inside @triton.jit must be constexpr. Values >= 2**63 become uint64 constants.
 _MIX_C1 = tl.constexpr(MIX_C1)
@@ -238,6 +238,7 @@ def _gather_batch_kernel(
     MIXED: tl.constexpr,
     ALIGNED: tl.constexpr,
     STEP_FROM_PTR: tl.constexpr,
+    ADVANCE_STEP: tl.constexpr,
     WRITE_STARTS: tl.constexpr,
     BLOCK: tl.constexpr,
     MIX_BLOCK: tl.constexpr,
@@ -310,59 +311,73 @@ def _gather_batch_kernel(
     tl.store(x_ptr + out, x_tok.to(x_ptr.dtype.element_ty), mask=in_row)
     tl.store(y_ptr + out, y_tok, mask=in_row)
 
+    # A captured loop's step counter (step_ptr[0]; step_ptr[1] counts this launch's programs): the last
+    # program to count itself moves the step on. Every program read the step before its acq_rel atomic, so
+    # all reads precede the write, and a replay of the launch gathers the next step: one launch per batch.
+    if ADVANCE_STEP:
+        done = tl.atomic_add(step_ptr + 1, 1)
+        if done == tl.num_programs(0) - 1:
+            tl.store(step_ptr + 1, 0)
+            tl.store(step_ptr, step_u.to(tl.int64, bitcast=True) + 1)
+
 
 def _block_size(batch: int, seq_len: int) -> int:
-    block = triton.next_power_of_2(max(1, batch * seq_len // _TARGET_PROGRAMS))
-    block = min(block, _MAX_BLOCK, triton.next_power_of_2(seq_len))
+    block = next_power_of_2(max(1, batch * seq_len // _TARGET_PROGRAMS))
+    block = min(block, _MAX_BLOCK, next_power_of_2(seq_len))
     return max(block, _MIN_BLOCK)
 
 
-def gather_batch_forward(tokens, x, y, starts, step_tensor, mode_id, seed, step, row0, global_batch, num_tokens,
-                         seq_len, token_offset, block, chunking=None, num_slots=1, slot_tokens=0,
-                         mixture=None, aligned=None):
-    """Launch the kernel on validated arguments: `tokens` unsigned 1-D, `seed`/`step` as int64 bits,
-    `mixture` None or (rows of the whole batch, first slot of this source), `aligned` None or (usable
-    document starts, pass table or None, its first pass, the position of the step's first row in it, K_E)."""
-    num_col_blocks = triton.cdiv(seq_len, block)
+def gather_arguments(tokens, x, y, starts, step_tensor, mode_id, seed, step, row0, global_batch, num_tokens,
+                     seq_len, token_offset, block, chunking=None, num_slots=1, slot_tokens=0, mixture=None,
+                     aligned=None, advance=False) -> tuple[int, dict, dict]:
+    """(grid, the kernel's arguments by name, launch options) on validated arguments: `tokens` unsigned 1-D,
+    `seed`/`step` as int64 bits, `mixture` None or (rows of the whole batch, first slot of this source),
+    `aligned` None or (usable document starts, pass table or None, its first pass, the position of the
+    step's first row in it, K_E); `advance`: `step_tensor` is a step counter the launch moves on."""
+    num_col_blocks = -(-seq_len // block)
     # align='bos' samples among the D usable document starts where the other rules sample windows.
     num_windows = windows_per_epoch(num_tokens, seq_len) if aligned is None else aligned[0].numel()
     batch = x.shape[0]
     if chunking is None:
         chunk_args = (0, 1, 1, 1, 1, 1, 1, 1)
+        half = feistel_half_bits(num_windows)
     else:
         c = chunking
         chunk_args = (c.windows_per_chunk, c.num_chunks, c.chunk_tokens, c.last_windows,
                       c.chunk_length(c.num_chunks - 1), c.steps_per_visit, feistel_half_bits(c.last_windows),
                       feistel_half_bits(c.num_chunks - 1))
         # The whole-stream Feistel width is unused when chunked; within-chunk permutations of full chunks use it.
-        num_windows_half = feistel_half_bits(c.windows_per_chunk)
+        half = feistel_half_bits(c.windows_per_chunk)
+    doc_starts, table, pass0, pos0, num_visited = aligned if aligned is not None else (y, None, 0, 0, 0)
+    names = ("windows_per_chunk", "num_chunks", "chunk_tokens", "last_windows", "last_length", "steps_per_visit",
+             "half_last", "half_chunks")
+    mix_rows, mix_first = mixture if mixture is not None else (0, 0)
+    arguments = {
+        "tokens_ptr": tokens, "x_ptr": x, "y_ptr": y, "starts_ptr": starts if starts is not None else y,
+        "step_ptr": step_tensor if step_tensor is not None else y, "doc_starts_ptr": doc_starts,
+        "table_ptr": table if table is not None else y, "seed": seed, "step": step, "row0": row0,
+        "global_batch": global_batch, "num_tokens": num_tokens, "num_windows": num_windows, "seq_len": seq_len,
+        "feistel_half": half, "token_offset": token_offset, "num_resident": tokens.numel(),
+        "num_col_blocks": num_col_blocks, **dict(zip(names, chunk_args)), "num_slots": num_slots,
+        "slot_tokens": slot_tokens, "mix_rows": mix_rows, "mix_first": mix_first,
+        "table_len": table.shape[1] if table is not None else 0, "pass0": pass0, "pos0": pos0,
+        "num_visited": num_visited,
+        "SAMPLING": mode_id, "CHUNKED": chunking is not None, "MIXED": mixture is not None,
+        "ALIGNED": aligned is not None, "STEP_FROM_PTR": step_tensor is not None,
+        "ADVANCE_STEP": advance, "WRITE_STARTS": starts is not None,
+        "BLOCK": block, "MIX_BLOCK": _MIX_BLOCK,
+    }
     # 8 tokens per thread: x and y go out as 16 B vector stores when T % 16 == 0 (Triton specializes
     # seq_len on it); token loads stay scalar, since a window start has no known alignment, but each
     # warp instruction still covers one contiguous stretch.
-    num_warps = max(1, min(8, block // 256))
-    doc_starts, table, pass0, pos0, num_visited = aligned if aligned is not None else (y, None, 0, 0, 0)
-    _gather_batch_kernel[(batch * num_col_blocks,)](
-        tokens, x, y,
-        starts if starts is not None else y,
-        step_tensor if step_tensor is not None else y,
-        doc_starts,
-        table if table is not None else y,
-        seed, step, row0, global_batch, num_tokens, num_windows, seq_len,
-        feistel_half_bits(num_windows) if chunking is None else num_windows_half,
-        token_offset, tokens.numel(), num_col_blocks, *chunk_args, num_slots, slot_tokens,
-        *(mixture if mixture is not None else (0, 0)),
-        table.shape[1] if table is not None else 0, pass0, pos0, num_visited,
-        SAMPLING=mode_id,
-        CHUNKED=chunking is not None,
-        MIXED=mixture is not None,
-        ALIGNED=aligned is not None,
-        STEP_FROM_PTR=step_tensor is not None,
-        WRITE_STARTS=starts is not None,
-        BLOCK=block,
-        MIX_BLOCK=_MIX_BLOCK,
-        num_warps=num_warps,
-    )
-    return x, y
+    return batch * num_col_blocks, arguments, {"num_warps": max(1, min(8, block // 256))}
+
+
+def gather_batch_forward(*launch, **optional):
+    """Launch the kernel on validated arguments (those of `gather_arguments`)."""
+    grid, arguments, options = gather_arguments(*launch, **optional)
+    _gather_batch_kernel[(grid,)](**arguments, **options)
+    return arguments["x_ptr"], arguments["y_ptr"]
 
 
 def interpreter_active() -> bool:
@@ -420,16 +435,19 @@ def gather_batch_triton(tokens: torch.Tensor, sampling: str, seed: int, step, ro
                         slot_tokens: int = 0, device: torch.device | None = None,
                         mixture: tuple[Sequence[int], int] | None = None,
                         doc_starts: torch.Tensor | None = None,
-                        aligned_chunks: AlignedChunking | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                        aligned_chunks: AlignedChunking | None = None,
+                        step_counter: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows row0 .. row0+batch-1 of the global batch at `step`, in one launch: (x (B, T), y (B, T)).
 
     `tokens` holds stream positions [token_offset, token_offset + len(tokens)) of a stream of
     `num_tokens` tokens: 1-D contiguous uint16 or uint32 (int16 / int32 are taken as the same bits,
     i.e. as views of unsigned tokens). The caller guarantees every window is resident; a window that
     is not comes out as rows of -1. `seed` is taken modulo 2**64 (like csrc/sampling.h). `step` is an
-    int inside the contract's domain (gpuload.sampling.check_domain) or a 1-element int64 tensor on the
-    tokens' device (read by the kernel, so a captured CUDA graph replays with the step advanced in
-    place). `out_starts`, if given, is a (batch,) int64 tensor that receives the window starts.
+    int inside the contract's domain (gpuload.sampling.check_domain) or an int64 tensor on the tokens'
+    device that the kernel reads (one element). `step_counter`, instead, is a contiguous (2,) int64
+    tensor [step, 0] that the kernel reads the step from and that the launch advances by one once every
+    program has read it, so a captured CUDA graph gathers the next step at each replay (pass step=0 with
+    it). `out_starts`, if given, is a (batch,) int64 tensor that receives the window starts.
     `block_size` overrides the column block.
 
     With `chunking` (gpuload.sampling.Chunking), the chunked rule, and `tokens` is a ring of `num_slots`
@@ -451,6 +469,21 @@ def gather_batch_triton(tokens: torch.Tensor, sampling: str, seed: int, step, ro
     row of the contract); the other rows of out_x / out_y are left as they are, for the other sources'
     launches to fill.
     """
+    device, launch = _checked_launch(tokens, sampling, seed, step, row0, batch, global_batch, num_tokens, seq_len,
+                                     out_x, out_y, input_dtype, token_offset, out_starts, block_size, chunking,
+                                     num_slots, slot_tokens, device, mixture, doc_starts, aligned_chunks,
+                                     step_counter)
+    if device.type == "cuda":
+        # Triton launches on the current device; make it the batch's one.
+        with torch.cuda.device(device):
+            return gather_batch_forward(*launch)
+    return gather_batch_forward(*launch)
+
+
+def _checked_launch(tokens, sampling, seed, step, row0, batch, global_batch, num_tokens, seq_len, out_x, out_y,
+                    input_dtype, token_offset, out_starts, block_size, chunking, num_slots, slot_tokens, device,
+                    mixture, doc_starts, aligned_chunks, step_counter=None):
+    """gather_batch_triton's checks; (device, gather_arguments' positional arguments)."""
     if not isinstance(tokens, torch.Tensor) or tokens.dim() != 1 or tokens.dtype not in _TOKEN_DTYPES:
         found = f"{tokens.dim()}-D {tokens.dtype}" if isinstance(tokens, torch.Tensor) else type(tokens).__name__
         raise ValueError(f"gather_batch_triton: tokens must be a 1-D uint16/uint32 tensor (or an int16/int32 view "
@@ -509,6 +542,14 @@ def gather_batch_triton(tokens: torch.Tensor, sampling: str, seed: int, step, ro
         step = int(step)
         check_domain(step, batch_rows, num_tokens)
         step_tensor, step_bits = None, step
+    if step_counter is not None:
+        if (not isinstance(step_counter, torch.Tensor) or step_counter.dtype != torch.int64
+                or step_counter.shape != (2,) or step_counter.device != device or not step_counter.is_contiguous()):
+            raise ValueError(f"gather_batch_triton: step_counter must be a contiguous (2,) int64 tensor [step, 0] on "
+                             f"{device}")
+        if step_tensor is not None:
+            raise ValueError("gather_batch_triton: pass step=0 with step_counter=: the kernel reads the step there")
+        step_tensor = step_counter
     if block_size is None:
         block_size = _block_size(batch, seq_len)
     elif block_size < 1 or block_size & (block_size - 1):
@@ -522,11 +563,54 @@ def gather_batch_triton(tokens: torch.Tensor, sampling: str, seed: int, step, ro
         aligned = _aligned_args(doc_starts, aligned_chunks, sampling, seed, step_bits, step_tensor, chunking,
                                 slot_tokens, device)
     tokens = tokens.view(_TOKEN_DTYPES[tokens.dtype])
-    launch = (tokens, x, y, starts, step_tensor, SAMPLING_IDS[sampling], to_signed(int(seed)), step_bits, row0,
-              global_batch, num_tokens, seq_len, token_offset, block_size, chunking, num_slots, slot_tokens,
-              mix_args, aligned)
-    if device.type == "cuda":
-        # Triton launches on the current device; make it the batch's one.
-        with torch.cuda.device(device):
-            return gather_batch_forward(*launch)
-    return gather_batch_forward(*launch)
+    return device, (tokens, x, y, starts, step_tensor, SAMPLING_IDS[sampling], to_signed(int(seed)), step_bits, row0,
+                    global_batch, num_tokens, seq_len, token_offset, block_size, chunking, num_slots, slot_tokens,
+                    mix_args, aligned, step_counter is not None)
+
+
+class PreparedGather:
+    """`gather_batch_triton` prepared once for a loader's steps: the same checks and arguments, and the
+    compiled kernel (gpuload/kernels/launch.py). A step then sets the step, the outputs (unless they are
+    fixed) and, for align='bos' on a chunked ring, the pass table, and launches: a few microseconds.
+
+    Takes gather_batch_triton's arguments (out_x / out_y as the first step's outputs; `step` an int or the
+    device step counter the kernel reads), except `block_size` and `out_starts`."""
+
+    def __init__(self, tokens, sampling, seed, step, row0, batch, global_batch, num_tokens, seq_len, out_x, out_y,
+                 input_dtype=torch.int64, chunking=None, num_slots=1, slot_tokens=0, device=None, mixture=None,
+                 doc_starts=None, aligned_chunks=None, step_counter=None):
+        device, launch = _checked_launch(tokens, sampling, seed, step, row0, batch, global_batch, num_tokens,
+                                         seq_len, out_x, out_y, input_dtype, 0, None, None, chunking, num_slots,
+                                         slot_tokens, device, mixture, doc_starts, aligned_chunks, step_counter)
+        grid, arguments, options = gather_arguments(*launch)
+        self.launch = PreparedLaunch(_gather_batch_kernel, grid, arguments, options, device)
+        # Pointers this variant never reads point at the first step's y: keep it, so no address ever dangles.
+        self._placeholder = arguments["y_ptr"]
+        self.device, self.seed = device, seed
+        self.table_chunks = aligned_chunks if chunking is not None and aligned_chunks is not None else None
+        slot = self.launch.slot
+        self._x, self._y, self._step, self._seed = slot("x_ptr"), slot("y_ptr"), slot("step"), slot("seed")
+        self._table, self._pass0, self._pos0 = slot("table_ptr"), slot("pass0"), slot("pos0")
+        self._table_in_use = None
+
+    def set_seed(self, seed: int) -> None:
+        self.seed = seed
+        self.launch.values[self._seed] = to_signed(int(seed))
+
+    def __call__(self, step: int, x: Optional[torch.Tensor] = None, y: Optional[torch.Tensor] = None) -> None:
+        """Gather `step` into x, y (default: the outputs it was prepared with or last given) on the current stream."""
+        launch = self.launch
+        if x is not None:
+            launch.set_device_tensor(self._x, x)
+            launch.set_device_tensor(self._y, y)
+        launch.values[self._step] = step
+        if self.table_chunks is not None:
+            pass0, pos0, table = self.table_chunks.step_table(self.seed, step, self.device)
+            if table is not self._table_in_use:  # a new pass: the cache frees it a pass later, after this stream
+                if self.device.type == "cuda":
+                    table.record_stream(torch.cuda.current_stream(self.device))
+                self._table_in_use = table
+                launch.set(self._table, table)
+            launch.values[self._pass0] = pass0
+            launch.values[self._pos0] = pos0
+        launch()
