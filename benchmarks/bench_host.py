@@ -159,7 +159,7 @@ def _launch_check(paths, config: dict) -> str:
     before = stub.launches
     x, y = next(ld)[:2]
     # The step's first launch is its (first source's) gather; doc info's kernels follow it.
-    grid, _, _, _, _, loader_args = stub.recent[-(stub.launches - before)]
+    grid, _, _, _, function, loader_args = stub.recent[-(stub.launches - before)]
     ring = source.ring
     tokens = ring.acquire(step)
     try:
@@ -172,7 +172,7 @@ def _launch_check(paths, config: dict) -> str:
                             aligned_chunks=source.aligned, step_counter=counter)
     finally:
         ring.release(step)
-    jit_grid, _, _, _, _, jit_args = stub.recent[-1]
+    jit_grid, _, _, _, jit_function, jit_args = stub.recent[-1]
     # (packed metadata, launch metadata, enter hook, exit hook, *the kernel's arguments): the hooks and the
     # metadata they receive are the profiler's business (None when no hook listens); the rest must be equal.
     # Pointers this variant never reads (a placeholder each route picks) do not count.
@@ -187,10 +187,10 @@ def _launch_check(paths, config: dict) -> str:
         return [args[0]] + [None if unused.get(name) else v for name, v in zip(names, values)]
 
     as_int, got = comparable(jit_args), comparable(loader_args)
-    if (grid, got) != (jit_grid, as_int):
+    if (grid, function, got) != (jit_grid, jit_function, as_int):
         diff = [(name, g, w) for name, g, w in zip(["metadata", *names], got, as_int) if g != w]
         raise SystemExit(f"bench_host: the loader's launch differs from kernel[grid](...): grid {grid} vs {jit_grid}, "
-                         f"arguments (name, loader, triton) {diff[:6]}")
+                         f"compiled variant {function} vs {jit_function}, arguments (name, loader, triton) {diff[:6]}")
     ld.close()
     return "equal"
 
@@ -325,7 +325,8 @@ def main(argv=None) -> dict:
                 best = min(mine, key=lambda r: r["median_us"])
                 summary.append({**best, "median_us": statistics.median(r["median_us"] for r in mine)})
     machine = machine_info()
-    print(f"next() host time, B={B}, T={T}, {NUM_TOKENS:,} uint16 tokens; median over rounds of the per-round medians")
+    print(f"next() host time, B={B}, T={T}, {NUM_TOKENS:,} uint16 tokens; the median over rounds of each round's "
+          f"median")
     print(f"{'tree':<10} {'backend':<7} {'config':<24} {'median us':>9} {'p10-p90 us':>15} {'calls':>6} {'torch ops':>9}"
           f"  {'stubbed':<7}")
     for r in summary:

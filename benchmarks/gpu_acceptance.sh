@@ -5,9 +5,9 @@
 #   bash benchmarks/gpu_acceptance.sh [--out DIR] [--budget SECONDS] [--dry-run]
 #
 # DIR (default $OUT, else ./acceptance-out) receives at most 8 files: acceptance.log (everything printed),
-# summary.json (machine line, each step's status, seconds and command), kernels.json, ring.json, bench.json,
-# bench.png, train_step.json. A failing or timed-out step is recorded and the next one still runs; the exit
-# status is 1 if any step failed. --dry-run checks the arguments and the files the steps need, lists the
+# summary.json (machine line, each step's status, seconds and command), kernels.json, ring.json, host.json,
+# train_step.json, bench.json, bench.png. A failing or timed-out step is recorded and the next one still
+# runs; the exit status is 1 if any step failed. --dry-run checks the arguments and the files the steps need, lists the
 # steps with their guards, and runs nothing.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -44,11 +44,12 @@ export PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONPATH="$PWD${PYTHONPA
 steps=(
     "install|60|$python -m pip install --no-deps --no-build-isolation -e ."
     "machine|20|$python -c 'from gpuload.machine import machine_line; print(machine_line())'"
-    "tests|180|$python -m pytest $test_options tests"
-    "bench_kernels|50|$python benchmarks/bench_kernels.py --stream-tokens 268435456 --batch-sizes 32 256 2048 --json \$out/kernels.json"
-    "bench_ring|50|$python benchmarks/bench_ring.py --shards 4 --steps 500 --json \$out/ring.json"
-    "bench_train_step|60|$python benchmarks/bench_train_step.py --cache-dir \$cache --json \$out/train_step.json"
-    "gpuload_bench|60|$python -m gpuload bench --cache-dir \$cache --batch-size 32 --steps 100 --json \$out/bench.json --plot \$out/bench.png"
+    "tests|170|$python -m pytest $test_options tests"
+    "bench_kernels|45|$python benchmarks/bench_kernels.py --stream-tokens 268435456 --batch-sizes 32 256 2048 --json \$out/kernels.json"
+    "bench_ring|45|$python benchmarks/bench_ring.py --shards 4 --steps 500 --json \$out/ring.json"
+    "bench_host|45|$python benchmarks/bench_host.py --rounds 1 --configs whole-random,chunked-shuffle,aligned-random,mix4-random,static-whole-random,doc-whole-random --json \$out/host.json"
+    "bench_train_step|50|$python benchmarks/bench_train_step.py --cache-dir \$cache --json \$out/train_step.json"
+    "gpuload_bench|45|$python -m gpuload bench --cache-dir \$cache --batch-size 32 --steps 100 --json \$out/bench.json --plot \$out/bench.png"
 )
 
 # What the steps need from the machine's Python, checked before anything runs (and by --dry-run).

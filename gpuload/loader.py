@@ -145,6 +145,11 @@ class GPULoader:
 
     def close(self) -> None:
         """Stop the rings' fillers, free the rings and release the shards (a batch in flight completes)."""
+        producer = getattr(self, "_producer", None)
+        if producer is not None:
+            if producer.counter is not None and not self._closed:
+                self._step = int(producer.counter[0])  # where replays left the step: state_dict() still says it
+            producer.close()
         self._closed = True
         for source in self.sources:
             source.close()

@@ -147,6 +147,8 @@ class Plan:
             raise ValueError(f"loop=False (one pass, for evaluation) needs sampling='sequential', got {sampling!r}")
         if bos_token is not None:
             bos_token = _as_int("bos_token", bos_token)
+        if doc_info is None or doc_info is False or doc_info == 0:
+            doc_info = False  # as before doc_info="exact" existed: any false value is off
         if doc_info not in (False, True, "exact"):
             raise ValueError(f"doc_info must be False, True (fixed shapes, no sync) or 'exact' (trimmed, one sync per "
                              f"step), got {doc_info!r}")

@@ -55,6 +55,14 @@ class Producer:
     def produce(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
+    def _to_device(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch made on the host, on the loader's device (in the static outputs when there are any)."""
+        if self.out is not None:
+            return self.out[0].copy_(x, non_blocking=True), self.out[1].copy_(y, non_blocking=True)
+        if x.device != self.plan.device:
+            return x.to(self.plan.device, non_blocking=True), y.to(self.plan.device, non_blocking=True)
+        return x, y
+
     def doc_info(self, x: torch.Tensor):
         """Doc info of batch x: fixed shapes with the plan's capacity, or exact (one sync) for doc_info='exact'."""
         plan = self.plan
@@ -80,7 +88,8 @@ class Producer:
             raise capture_error("next()")
 
     def close(self) -> None:
-        """The sources close their readers (Plan.close)."""
+        """Drop what refers to the readers' memory, so the sources can give it back (Plan.close frees it)."""
+        self.out = None
 
 
 class NativeProducer(Producer):
@@ -102,13 +111,6 @@ class NativeProducer(Producer):
         pin = self.cuda_index is not None  # pinned host memory lets the device copy run asynchronously
         return (torch.empty(self.shape, dtype=self.plan.input_dtype, pin_memory=pin),
                 torch.empty(self.shape, dtype=torch.int64, pin_memory=pin))
-
-    def _to_device(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.out is not None:
-            return self.out[0].copy_(x, non_blocking=True), self.out[1].copy_(y, non_blocking=True)
-        if x.device != self.plan.device:
-            return x.to(self.plan.device, non_blocking=True), y.to(self.plan.device, non_blocking=True)
-        return x, y
 
     def produce(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         self.check_not_capturing()
@@ -161,13 +163,6 @@ class TorchProducer(Producer):
         super().__init__(plan)
         self.rings = _open_rings(plan)
 
-    def _to_device(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.out is not None:
-            return self.out[0].copy_(x, non_blocking=True), self.out[1].copy_(y, non_blocking=True)
-        if x.device != self.plan.device:
-            return x.to(self.plan.device, non_blocking=True), y.to(self.plan.device, non_blocking=True)
-        return x, y
-
     def set_seed(self, seed: int) -> None:
         for ring in self.rings:
             ring.reset(seed)
@@ -209,8 +204,10 @@ class TritonProducer(Producer):
         from gpuload.kernels.triton_gather import PreparedGather
 
         self.rings = _open_rings(plan)
-        # The step on the device: static outputs (the addresses a graph captures) and rings that never refill.
-        if plan.static_buffers and plan.loop and all(source.chunking is None for source in plan.sources):
+        # The step on the device: static outputs (the addresses a graph captures), rings that never refill, and
+        # no per-step read back to the host (doc_info="exact" syncs every step: it cannot be captured anyway).
+        if (plan.static_buffers and plan.loop and plan.doc_info != "exact"
+                and all(source.chunking is None for source in plan.sources)):
             self.counter = torch.zeros(2, dtype=torch.int64, device=plan.device)
         x, y = self.out if self.out is not None else self._fresh()
         self.gathers = []
@@ -266,6 +263,12 @@ class TritonProducer(Producer):
         from gpuload.kernels.triton_docs import doc_info_triton
 
         return doc_info_triton(x, self.plan.bos_token)
+
+    def close(self) -> None:
+        """Drop the prepared launches: they hold the rings' tensors (a zero-copy ring's pinned pages among them).
+        A CUDA graph captured around next() holds their addresses too: replay it no more after close()."""
+        super().close()
+        self.gathers, self.docs, self.counter = [], None, None
 
 
 def make_producer(plan: Plan) -> Producer:

@@ -118,7 +118,7 @@ def test_gpu_acceptance_dry_run_lists_its_steps_and_checks_arguments(tmp_path):
                          text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     steps = [line.split()[0] for line in out.stdout.splitlines() if " guard " in line]
-    assert steps == ["install", "machine", "tests", "bench_kernels", "bench_ring", "bench_train_step",
+    assert steps == ["install", "machine", "tests", "bench_kernels", "bench_ring", "bench_host", "bench_train_step",
                      "gpuload_bench"]
     assert "pip install --no-deps --no-build-isolation -e ." in out.stdout and "preflight: " in out.stdout
     assert not any((tmp_path / "out").iterdir())  # a dry run writes nothing

@@ -2,7 +2,6 @@
 thread's setup, and the ordering of copies, gathers and close() against a stand-in that runs queued
 work late (tests/fake_cuda.py). tests/test_gpu.py runs the same paths on a real GPU."""
 
-import contextlib
 import threading
 
 import numpy as np

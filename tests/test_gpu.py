@@ -230,15 +230,22 @@ def test_next_inside_a_capture_that_cannot_work_says_what_to_do(make_shards, kw)
 
 
 @pytest.mark.parametrize("placement", ["device", "zero-copy"])
-@pytest.mark.parametrize("mixture,docs", [(False, False), (True, False), (False, True)])
-def test_each_replay_of_a_captured_next_gathers_the_next_batch(tmp_path, make_shards, placement, mixture, docs):
+@pytest.mark.parametrize("mixture,docs,align,rows,columns", [
+    (False, False, False, B, T), (True, False, False, B, T), (False, True, False, B, T), (False, False, True, B, T),
+    (False, False, False, 512, 1024),  # 2 warps and 1024 programs a launch: the counter's barrier matters
+])
+def test_each_replay_of_a_captured_next_gathers_the_next_batch(tmp_path, make_shards, placement, mixture, docs,
+                                                               align, rows, columns):
     from gpuload.documents import doc_info_reference
 
-    paths = make_shards([N])
+    paths = make_shards([max(N, 4 * rows * columns)])
     files = {"a": paths, "b": make_shards([4000], prefix="b")} if mixture else paths
-    kw = dict(batch_size=B, seq_len=T, sampling="shuffle", seed=9, weights={"a": 1, "b": 1} if mixture else None)
+    kw = dict(batch_size=rows, seq_len=columns, sampling="shuffle", seed=9,
+              weights={"a": 1, "b": 1} if mixture else None)
     if docs:
         kw.update(bos_token=0, doc_info=True)  # token = position: one document, whose start no row holds
+    if align:
+        kw.update(bos_token=0, align="bos", sampling="random")  # rows all start at position 0
     want = take(loader(files, backend="torch", device="cpu", **kw), 12)
     ld = loader(files, backend="triton", device="cuda", placement=placement, static_buffers=True, **kw)
     assert_equal_batches([next(ld)[:2]], [want[0][:2]])  # step 0 eagerly: compiles, loads the ring
@@ -246,7 +253,7 @@ def test_each_replay_of_a_captured_next_gathers_the_next_batch(tmp_path, make_sh
     with torch.cuda.graph(graph):
         batch = next(ld)  # captured, not run: the gather reads the device step and advances it
         checksum = batch[0].sum() + batch[1].sum()
-    for step in range(1, 11):
+    for step in range(1, 11):  # the larger shape replays 10 times too: 10 launches of 1024 programs
         graph.replay()
         assert torch.equal(batch[0].cpu(), want[step][0]) and torch.equal(batch[1].cpu(), want[step][1]), step
         assert int(checksum) == int(want[step][0].sum() + want[step][1].sum())

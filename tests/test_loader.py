@@ -527,6 +527,11 @@ def test_static_buffers_keep_the_step_on_the_device(make_shards, tmp_path, weigh
     resumed = loader(files, static_buffers=True, **kw)
     resumed.load_state_dict(ld.state_dict())
     assert_same([tuple(t.cpu().clone() for t in next(resumed)) for _ in range(4)], want[8:])
+    # The kernel takes the step from the counter, not from the host: a stale host step changes nothing.
+    stale = [tuple(t.cpu().clone() for t in ld._producer.produce(0)) for _ in range(3)]
+    assert_same(stale, want[8:11])
+    ld.close()
+    assert ld.state_dict()["step"] == 11  # read back at close
     chunked = loader(make_shards([6000], prefix="long"), static_buffers=True, ring_tokens=4096,
                      **{**kw, "weights": None})
     assert chunked.sources[0].chunking is not None

@@ -100,8 +100,13 @@ class PreparedLaunch:
 
     def _launch(self, stream: int) -> None:
         enter, leave = self._knobs.launch_enter_hook, self._knobs.launch_exit_hook
-        if enter.calls or leave.calls:  # a profiler is listening: give it what JITFunction.run gives it
-            metadata = self.compiled.launch_metadata((self.grid, 1, 1), stream, *self.values)
+        if _listening(enter) or _listening(leave):  # a profiler: give it what JITFunction.run gives it
+            metadata = self.compiled.launch_metadata((self.grid,), stream, *self.values)
         else:
             metadata, enter, leave = None, None, None
         self._run(self.grid, 1, 1, stream, self.function, self.packed, metadata, enter, leave, *self.values)
+
+
+def _listening(hook) -> bool:
+    """Whether a launch hook would do anything (Triton's HookChain, or a callable set in its place)."""
+    return hook is not None and bool(getattr(hook, "calls", True))

@@ -315,6 +315,9 @@ def _gather_batch_kernel(
     # program to count itself moves the step on. Every program read the step before its acq_rel atomic, so
     # all reads precede the write, and a replay of the launch gathers the next step: one launch per batch.
     if ADVANCE_STEP:
+        # Every warp's read of the step before the one thread that counts the program (triton 3.6 puts no
+        # barrier before a scalar atomic: without this, another warp's read could follow the release).
+        tl.debug_barrier()
         done = tl.atomic_add(step_ptr + 1, 1)
         if done == tl.num_programs(0) - 1:
             tl.store(step_ptr + 1, 0)
