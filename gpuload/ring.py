@@ -316,7 +316,6 @@ class Ring:
         self._reading = threading.Lock()    # held from acquire() to release(): close() frees nothing in between
         self._free_on_release = False
         self._resident: Optional[torch.Tensor] = None  # whole stream loaded: the tensor every step reads
-        self._visits_of = self._visit_rule()
         self._last_visits: Optional[tuple[int, int]] = None  # (first, last) visit of the previous step
         self._consumer = None      # (raw handle, stream) the gathers are queued on
         self._settled: Optional[tuple[int, int]] = None  # the last step's visits, when all is done for them
@@ -359,26 +358,14 @@ class Ring:
             buffers = buffers + [self._host_memory]
         return sum(buffer.nbytes for buffer in buffers)
 
-    def _visit_rule(self):
-        """step -> (first, last) visit its rows read, with the chunking's constants bound once."""
+    def visits(self, step: int) -> tuple[int, int]:
+        """First and last visit the rows of `step` read."""
         chunking = self.layout.chunking
         if chunking is None:
-            return lambda step: (0, 0)
+            return 0, 0
         if self.aligned is not None:
-            aligned = self.aligned
-            return lambda step: aligned.step_visits(self.seed, step)
-        if self.sampling == "random":
-            per_visit = chunking.steps_per_visit
-            return lambda step: (step // per_visit, step // per_visit)
-        G, M, K, Wc = chunking.global_batch, chunking.num_windows, chunking.num_chunks, chunking.windows_per_chunk
-
-        def visits(step):
-            first, last = step * G, step * G + G - 1
-            return first // M * K + first % M // Wc, last // M * K + last % M // Wc
-        return visits
-
-    def visits(self, step: int) -> tuple[int, int]:
-        return self._visits_of(step)
+            return self.aligned.step_visits(self.seed, step)
+        return chunking.step_visits(self.sampling, step)
 
     def acquire(self, step: int) -> torch.Tensor:
         """Wait until every token step `step` reads is resident; the returned tensor is safe to read on the
@@ -395,7 +382,7 @@ class Ring:
             raise
 
     def _acquire(self, step: int) -> torch.Tensor:
-        first, last = self._visits_of(step)
+        first, last = self.visits(step)
         ops = self.ops
         if (first, last) == self._settled and not self.closed and (
                 ops is None or ops.current_stream_handle() == self._consumer[0]):

@@ -35,6 +35,7 @@ ring is smaller than the stream (gpuload/ring.py).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Optional
 
 import torch
@@ -142,7 +143,7 @@ class Chunking:
             raise ValueError(f"windows_per_chunk={self.windows_per_chunk} covers the whole stream "
                              f"({self.num_windows} windows); use the whole-stream rule (chunking=None)")
 
-    @property
+    @cached_property  # read per step by the ring (step_visits): computed once
     def num_windows(self) -> int:
         return windows_per_epoch(self.num_tokens, self.seq_len)
 
@@ -151,7 +152,7 @@ class Chunking:
         """C: the stride between chunk starts in the stream."""
         return self.windows_per_chunk * self.seq_len
 
-    @property
+    @cached_property  # read per step by the ring (step_visits): computed once
     def num_chunks(self) -> int:
         return -(-self.num_windows // self.windows_per_chunk)
 
@@ -159,7 +160,7 @@ class Chunking:
     def last_windows(self) -> int:
         return self.num_windows - (self.num_chunks - 1) * self.windows_per_chunk
 
-    @property
+    @cached_property  # read per step by the ring (step_visits): computed once
     def steps_per_visit(self) -> int:
         """random: steps that sample from one chunk before the next one (about one pass over its tokens)."""
         return max(1, self.windows_per_chunk // self.global_batch)
