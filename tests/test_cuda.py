@@ -346,7 +346,7 @@ def test_filler_threads_enter_before_any_cuda_call(make_shards):
     gpu = FakeGPU(index=1)
     ring = Ring(TokenStream(make_shards([N])), plan_ring(N, 4, T, G, SMALL_RING), "shuffle", 0, gpu.device,
                 ops=gpu)
-    for step in (0, 200, 3, 500):  # jumps: each restarts the filler in a new thread
+    for step in (0, 2000, 3, 5000):  # jumps far past the 4 slots or back: each restarts the filler
         ring.acquire(step)
         ring.release(step)
     ring.close()
