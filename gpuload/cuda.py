@@ -265,9 +265,16 @@ class CudaOps:
         dst.copy_(src, non_blocking=True)
 
     def capturing(self) -> bool:
-        """Whether the calling thread's current stream on this device is being captured into a CUDA graph."""
-        with torch.cuda.device(self.device):
-            return torch.cuda.is_current_stream_capturing()
+        return capturing(self.device.index)
+
+
+def capturing(index: int) -> bool:
+    """Whether the calling thread's current stream on CUDA device `index` is being captured into a CUDA graph
+    (without a device switch when `index` is the current device: the per-step case)."""
+    if torch._C._cuda_getDevice() == index:
+        return torch._C._cuda_isCurrentStreamCapturing()
+    with torch.cuda.device(index):
+        return torch._C._cuda_isCurrentStreamCapturing()
 
 
 def capture_error(what: str) -> RuntimeError:

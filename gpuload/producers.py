@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from gpuload import native
-from gpuload.cuda import capture_error
+from gpuload.cuda import capture_error, capturing
 from gpuload.documents import doc_info_reference
 from gpuload.kernels.gather import gather_reference
 from gpuload.plan import Plan, Source
@@ -42,15 +42,19 @@ class Producer:
     """What every producer has: the plan, static outputs if asked for, doc info, and capture detection."""
 
     counter: Optional[torch.Tensor] = None  # a device step counter, when the step lives on the device
+    rings: tuple = ()  # the torch and triton producers read rings (a list of them)
 
     def __init__(self, plan: Plan):
         self.plan = plan
         self.shape = (plan.batch_size, plan.seq_len)
         self.cuda_index = plan.device.index if plan.device.type == "cuda" else None
-        self.out: Optional[tuple[torch.Tensor, torch.Tensor]] = None
-        if plan.static_buffers:
-            self.out = (torch.empty(self.shape, dtype=plan.input_dtype, device=plan.device),
-                        torch.empty(self.shape, dtype=torch.int64, device=plan.device))
+        self.out: Optional[tuple[torch.Tensor, torch.Tensor]] = self._outputs() if plan.static_buffers else None
+
+    def _outputs(self, device: Optional[torch.device] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """An uninitialized (x, y) pair on `device` (default: the loader's)."""
+        device = self.plan.device if device is None else device
+        return (torch.empty(self.shape, dtype=self.plan.input_dtype, device=device),
+                torch.empty(self.shape, dtype=torch.int64, device=device))
 
     def produce(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
@@ -72,19 +76,13 @@ class Producer:
         return doc._replace(max_seqlen=plan.seq_len)
 
     def set_seed(self, seed: int) -> None:
-        """A resume took another seed (plan.seed has it already)."""
+        """A resume took another seed (plan.seed has it already): it reorders a chunked ring's visits."""
+        for ring in self.rings:
+            ring.reset(seed)
 
     def check_not_capturing(self) -> None:
         """A step that needs the host for every batch must not be captured: it would replay one batch."""
-        index = self.cuda_index
-        if index is None:
-            return
-        if torch._C._cuda_getDevice() == index:
-            capturing = torch._C._cuda_isCurrentStreamCapturing()
-        else:
-            with torch.cuda.device(index):
-                capturing = torch._C._cuda_isCurrentStreamCapturing()
-        if capturing:
+        if self.cuda_index is not None and capturing(self.cuda_index):
             raise capture_error("next()")
 
     def close(self) -> None:
@@ -163,10 +161,6 @@ class TorchProducer(Producer):
         super().__init__(plan)
         self.rings = _open_rings(plan)
 
-    def set_seed(self, seed: int) -> None:
-        for ring in self.rings:
-            ring.reset(seed)
-
     def produce(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         self.check_not_capturing()
         plan = self.plan
@@ -188,8 +182,7 @@ class TorchProducer(Producer):
             return self._to_device(*parts[0][1:])
         # Zero-copy placement: the torch reference reads the host ring, and the rows meet on the host.
         device = parts[0][1].device
-        x = torch.empty(self.shape, dtype=plan.input_dtype, device=device)
-        y = torch.empty(self.shape, dtype=torch.int64, device=device)
+        x, y = self._outputs(device)
         for rows, part_x, part_y in parts:
             x[rows.to(device)], y[rows.to(device)] = part_x, part_y
         return self._to_device(x, y)
@@ -209,7 +202,7 @@ class TritonProducer(Producer):
         if (plan.static_buffers and plan.loop and plan.doc_info != "exact"
                 and all(source.chunking is None for source in plan.sources)):
             self.counter = torch.zeros(2, dtype=torch.int64, device=plan.device)
-        x, y = self.out if self.out is not None else self._fresh()
+        x, y = self.out if self.out is not None else self._outputs()
         self.gathers = []
         for k, (source, ring) in enumerate(zip(plan.sources, self.rings)):
             layout = source.layout
@@ -226,14 +219,8 @@ class TritonProducer(Producer):
         if plan.doc_info and plan.doc_capacity is not None:
             self.docs = PreparedDocInfo(x, plan.bos_token, plan.doc_capacity, static=self.out is not None)
 
-    def _fresh(self) -> tuple[torch.Tensor, torch.Tensor]:
-        device = self.plan.device
-        return (torch.empty(self.shape, dtype=self.plan.input_dtype, device=device),
-                torch.empty(self.shape, dtype=torch.int64, device=device))
-
     def set_seed(self, seed: int) -> None:
-        for ring in self.rings:
-            ring.reset(seed)
+        super().set_seed(seed)
         for gather in self.gathers:
             gather.set_seed(seed)
 
@@ -246,7 +233,7 @@ class TritonProducer(Producer):
         if self.counter is None:
             self.check_not_capturing()
         if self.out is None:
-            x, y = self._fresh()
+            x, y = self._outputs()
         else:
             x = y = None  # the gathers keep the static outputs they were prepared with
         for gather, ring in zip(self.gathers, self.rings):

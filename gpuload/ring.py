@@ -503,8 +503,7 @@ class Ring:
         leftover = _Leftover(self.ops, self.side_stream, self.staging, self._host_memory)
         self.staging = self._host_memory = self.side_stream = None
         self.host = self.device_ring = self._resident = None
-        if not leftover.free():
-            _leftovers.append(leftover)
+        leftover.free_or_defer()
 
     def __del__(self):
         filler = getattr(self, "filler", None)
@@ -515,9 +514,7 @@ class Ring:
         try:
             # An unclosed ring: its pinned memory goes back once the queued work is done; inside a CUDA graph
             # capture, which forbids the synchronize, the next Ring or the interpreter's exit frees it.
-            leftover = _Leftover(self.ops, self.side_stream, self.staging, self._host_memory)
-            if not leftover.free():
-                _leftovers.append(leftover)
+            _Leftover(self.ops, self.side_stream, self.staging, self._host_memory).free_or_defer()
         except Exception:  # CUDA may already be shut down at interpreter exit
             pass
 
@@ -541,6 +538,11 @@ class _Leftover:
         if self.host_memory is not None:
             self.host_memory.release()
         return True
+
+    def free_or_defer(self) -> None:
+        """Free it now, or, inside a capture, when the next Ring is made or the interpreter exits."""
+        if not self.free():
+            _leftovers.append(self)
 
 
 _leftovers: list[_Leftover] = []

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from gpuload.documents import DocInfo, check_doc_info_args
-from gpuload.kernels.launch import PreparedLaunch, next_power_of_2
+from gpuload.kernels.launch import PreparedLaunch, is_interpreted, next_power_of_2
 
 _MIN_BLOCK = 16
 _MAX_BLOCK = 1024  # columns per loop iteration: 1024 x 8 B of positions per store
@@ -98,7 +98,7 @@ def _doc_info_kernel(x_ptr, counts_ptr, pos_ptr, cu_ptr, info_ptr, bos: tl.int64
 
 def interpreter_active() -> bool:
     """True when this module's kernels were built by Triton's CPU interpreter (TRITON_INTERPRET=1)."""
-    return type(_doc_info_kernel).__name__ == "InterpretedFunction"
+    return is_interpreted(_doc_info_kernel)
 
 
 def _block_size(seq_len: int) -> int:

@@ -27,7 +27,7 @@ import triton.language as tl
 
 from gpuload.cuda import resolve_device
 from gpuload.documents import ALIGNED_MODES, SALT_ALIGNED_RANDOM, AlignedChunking
-from gpuload.kernels.launch import PreparedLaunch, next_power_of_2
+from gpuload.kernels.launch import PreparedLaunch, is_interpreted, next_power_of_2
 from gpuload.mixture import SALT_MIXTURE
 from gpuload.sampling import (FEISTEL_ROUNDS, MIX_C1, MIX_C2, SALT_CHUNKS, SALT_RANDOM, SALT_SHUFFLE, SAMPLING_IDS,
                               SAMPLING_MODES, Chunking, check_domain, feistel_half_bits, to_signed, windows_per_epoch)
@@ -376,16 +376,16 @@ def gather_arguments(tokens, x, y, starts, step_tensor, mode_id, seed, step, row
     return batch * num_col_blocks, arguments, {"num_warps": max(1, min(8, block // 256))}
 
 
-def gather_batch_forward(*launch, **optional):
+def gather_batch_forward(*launch):
     """Launch the kernel on validated arguments (those of `gather_arguments`)."""
-    grid, arguments, options = gather_arguments(*launch, **optional)
+    grid, arguments, options = gather_arguments(*launch)
     _gather_batch_kernel[(grid,)](**arguments, **options)
     return arguments["x_ptr"], arguments["y_ptr"]
 
 
 def interpreter_active() -> bool:
     """True when this module's kernel was built by Triton's CPU interpreter (TRITON_INTERPRET=1)."""
-    return type(_gather_batch_kernel).__name__ == "InterpretedFunction"
+    return is_interpreted(_gather_batch_kernel)
 
 
 def _check_out(name, out, shape, dtype, device):
