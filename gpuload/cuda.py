@@ -279,8 +279,9 @@ def capturing(index: int) -> bool:
 
 def capture_error(what: str) -> RuntimeError:
     return RuntimeError(
-        f"{what} was called while a CUDA graph is being captured on the current stream. A batch needs the host "
-        f"(ring refills, the step counter), so a captured next() would replay one fixed batch: call next() "
-        f"outside the captured region and copy the batch into the graph's static inputs "
-        f"(static_x.copy_(x)), or capture only the model's step.")
+        f"{what} was called while a CUDA graph is being captured on the current stream. This loader needs the "
+        f"host for every batch (fresh outputs, ring refills, or a host-side gather), so a captured next() would "
+        f"replay one fixed batch: call next() outside the captured region and copy the batch into the graph's "
+        f"static inputs (static_x.copy_(x)), or, to capture next() itself, use backend='triton' with "
+        f"static_buffers=True and a ring that holds each whole stream (README, 'CUDA graphs').")
 
