@@ -4,8 +4,11 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <memory>
 #include <optional>
+#include <tuple>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -13,6 +16,7 @@
 #include "fault.h"
 #include "gather.h"
 #include "sampling.h"
+#include "watch.h"
 
 namespace py = pybind11;
 using gpuload::Sampling;
@@ -27,18 +31,52 @@ struct BoundTable {
   ShardTable table;
   py::list arrays;
   std::vector<std::string> names;  // for error messages: the shard files
+  std::unique_ptr<gpuload::ShardWatch> watch;  // with identities: checks the files behind the gathers
 };
+
+using Identity = std::tuple<uint64_t, uint64_t, int64_t, int64_t>;  // (st_dev, st_ino, st_size, st_mtime_ns)
+
+// One watched read of a loader step (step < 0: not a loader step, e.g. a tool's read: not watched).
+// Constructed and destroyed with the GIL released; the table's watch entered while it was held.
+class WatchedRead {
+ public:
+  WatchedRead(const BoundTable& t, int64_t step) : watch_(step >= 0 ? t.watch.get() : nullptr), step_(step) {
+    if (watch_ != nullptr) watch_->before_read(step_);
+  }
+  ~WatchedRead() {
+    if (watch_ != nullptr) watch_->after_read(step_, completed_);
+  }
+  void complete() { completed_ = true; }
+
+ private:
+  gpuload::ShardWatch* watch_;
+  int64_t step_;
+  bool completed_ = false;
+};
+
+void enter_watch(const BoundTable& t) {
+  if (t.watch) t.watch->enter();
+}
 
 // A read from a shard that changed under its memory map (SIGBUS), raised in Python as OSError.
 struct ShardFault : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
-BoundTable make_table(const py::list& arrays, const std::vector<std::string>& names) {
+BoundTable make_table(const py::list& arrays, const std::vector<std::string>& names,
+                      const std::vector<std::string>& paths, const std::vector<Identity>& identities,
+                      int64_t max_unverified, double watch_interval_s) {
   BoundTable t;
   t.arrays = arrays;
   t.names = names;
   if (!names.empty() && names.size() != arrays.size()) throw std::invalid_argument("ShardTable: one name per shard");
+  if (!identities.empty()) {
+    if (identities.size() != arrays.size() || paths.size() != arrays.size() || names.size() != arrays.size())
+      throw std::invalid_argument("ShardTable: a watched table needs one name, path and identity per shard");
+    std::vector<gpuload::FileIdentity> ids;
+    for (const auto& [device, inode, size, mtime_ns] : identities) ids.push_back({device, inode, size, mtime_ns});
+    t.watch = std::make_unique<gpuload::ShardWatch>(paths, names, ids, max_unverified, watch_interval_s);
+  }
   t.table.start.push_back(0);
   for (const py::handle& item : arrays) {
     const py::array a = py::reinterpret_borrow<py::array>(item);
@@ -80,7 +118,24 @@ struct GatherCall {
   const int64_t* out_rows = nullptr;  // row of x/y for each start; nullptr = rows 0 .. batch-1
 };
 
-// The gather with SIGBUS turned into ShardFault naming the shard whose pages vanished.
+// A SIGBUS at `fault` while reading the maps of `t`, as ShardFault naming the shard whose pages vanished.
+[[noreturn]] void raise_fault(const BoundTable& t, const void* fault) {
+  const ShardTable& table = t.table;
+  const auto* address = static_cast<const char*>(fault);
+  for (size_t i = 0; i < table.base.size(); ++i) {
+    const auto* first = static_cast<const char*>(table.base[i]);
+    const int64_t bytes = (table.start[i + 1] - table.start[i]) * table.token_bytes;
+    if (address >= first && address < first + bytes) {
+      const std::string name = i < t.names.size() ? t.names[i] : "shard " + std::to_string(i);
+      throw ShardFault(name + ": reading token " + std::to_string((address - first) / table.token_bytes) +
+                       " of the memory-mapped shard failed (SIGBUS): the file was truncated or changed while "
+                       "training. Restore it and restart from the last checkpoint.");
+    }
+  }
+  throw ShardFault("SIGBUS while reading the memory-mapped shards: a shard was truncated or changed while training");
+}
+
+// The gather with SIGBUS turned into ShardFault.
 void guarded_gather(const GatherCall& call) {
   const void* fault = gpuload::run_guarding_sigbus(
       [](void* p) {
@@ -88,20 +143,24 @@ void guarded_gather(const GatherCall& call) {
         gpuload::gather_windows(c.t->table, c.starts, c.batch, c.seq_len, c.x, c.x_int32, c.y, c.out_rows);
       },
       const_cast<GatherCall*>(&call));
-  if (fault == nullptr) return;
-  const ShardTable& table = call.t->table;
-  const auto* address = static_cast<const char*>(fault);
-  for (size_t i = 0; i < table.base.size(); ++i) {
-    const auto* first = static_cast<const char*>(table.base[i]);
-    const int64_t bytes = (table.start[i + 1] - table.start[i]) * table.token_bytes;
-    if (address >= first && address < first + bytes) {
-      const std::string name = i < call.t->names.size() ? call.t->names[i] : "shard " + std::to_string(i);
-      throw ShardFault(name + ": reading token " + std::to_string((address - first) / table.token_bytes) +
-                       " of the memory-mapped shard failed (SIGBUS): the file was truncated or changed while "
-                       "training. Restore it and restart from the last checkpoint.");
-    }
-  }
-  throw ShardFault("SIGBUS while reading the memory-mapped shards: a shard was truncated or changed while training");
+  if (fault != nullptr) raise_fault(*call.t, fault);
+}
+
+struct CopyCall {
+  const BoundTable* t;
+  int64_t start, count;
+  void* out;
+};
+
+// Tokens [start, start + count) of the stream into `out`, with SIGBUS turned into ShardFault.
+void guarded_copy(const CopyCall& call) {
+  const void* fault = gpuload::run_guarding_sigbus(
+      [](void* p) {
+        const auto& c = *static_cast<const CopyCall*>(p);
+        gpuload::copy_tokens(c.t->table, c.start, c.count, c.out);
+      },
+      const_cast<CopyCall*>(&call));
+  if (fault != nullptr) raise_fault(*call.t, fault);
 }
 
 void check_starts(const BoundTable& t, const int64_t* s, int64_t batch, int64_t seq_len) {
@@ -129,6 +188,15 @@ PYBIND11_MODULE(_native, m) {
   m.doc() = "gpuload native host code: CPU window gather and window starts";
 
   py::register_exception<ShardFault>(m, "ShardFault", PyExc_OSError);
+  // Raised as gpuload.shards.ShardChanged, the class the Python checks raise too.
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const gpuload::ShardChanged& e) {
+      py::object cls = py::module_::import("gpuload.shards").attr("ShardChanged");
+      PyErr_SetString(cls.ptr(), e.what());
+    }
+  });
 
   m.def("mixture_rows",
         [](uint64_t seed, uint64_t step, const std::vector<int64_t>& counts, int64_t row0, Int64Array source,
@@ -195,9 +263,44 @@ PYBIND11_MODULE(_native, m) {
 
   py::class_<BoundTable>(m, "ShardTable")
       .def(py::init(&make_table), py::arg("arrays"), py::arg("names") = std::vector<std::string>{},
-           "Shards as 1-D token arrays (numpy memmaps) in stream order, kept alive by the table; `names` "
-           "(the files) label errors.")
+           py::arg("paths") = std::vector<std::string>{}, py::arg("identities") = std::vector<Identity>{},
+           py::arg("max_unverified") = 1024, py::arg("watch_interval_s") = 0.1,
+           "Shards as 1-D token arrays (memory maps) in stream order, kept alive by the table; `names` (the "
+           "files) label errors. With `identities` ((st_dev, st_ino, st_size, st_mtime_ns) per shard, as opened) "
+           "and `paths` (bytes, absolute), a thread compares the files at `paths` with them every "
+           "`watch_interval_s` while gathers run, and a gather of a step returns at most `max_unverified` "
+           "batches read since the start of the last clean comparison (gpuload/shards.py, README \"Faults\").")
       .def_property_readonly("num_tokens", [](const BoundTable& t) { return t.table.num_tokens(); })
+      .def_property_readonly("max_unverified",
+                             [](const BoundTable& t) { return t.watch ? t.watch->max_unverified() : 0; })
+      .def("check",
+           [](const BoundTable& t) {
+             if (!t.watch) return std::string();
+             py::gil_scoped_release release;
+             return t.watch->check_now();
+           },
+           "One comparison of every shard file with its identity now: '' or the first change found.")
+      .def("read",
+           [](const BoundTable& t, int64_t start, uintptr_t out, int64_t count) {
+             if (start < 0 || count < 0 || start > t.table.num_tokens() || count > t.table.num_tokens() - start)
+               throw std::out_of_range("tokens [" + std::to_string(start) + ", +" + std::to_string(count) +
+                                       ") outside the stream");
+             py::gil_scoped_release release;
+             guarded_copy({&t, start, count, reinterpret_cast<void*>(out)});
+             if (!t.watch || count == 0) return;
+             // Checked after the copy: a change before it shows now, so what landed in `out` is the original.
+             const auto& first = t.table.start;
+             const size_t a = std::upper_bound(first.begin(), first.end(), start) - first.begin() - 1;
+             const size_t b = std::upper_bound(first.begin(), first.end(), start + count - 1) - first.begin();
+             const std::string change = t.watch->check_range(a, b);
+             if (!change.empty())
+               throw gpuload::ShardChanged(change + " after the loader opened it; gpuload reads a shard as it was "
+                                           "when the loader opened it, and this one no longer is.");
+           },
+           py::arg("start"), py::arg("out"), py::arg("count"),
+           "Tokens [start, start + count) of the stream from the maps into `out` (a data pointer to `count` "
+           "tokens of the stream's width), GIL released; SIGBUS (a truncated shard) raises ShardFault; a watched "
+           "table then checks the shards read against their identities (ShardChanged).")
       .def("window_starts",
            [](const BoundTable& t, int mode, uint64_t seed, uint64_t step, int64_t row0, int64_t global_batch,
               int64_t seq_len, Int64Array out, int64_t windows_per_chunk) {
@@ -212,16 +315,22 @@ PYBIND11_MODULE(_native, m) {
            py::arg("seq_len"), py::arg("out").noconvert(), py::arg("windows_per_chunk") = 0,
            "Window starts of rows row0 .. row0+len(out)-1; windows_per_chunk > 0 selects the chunked rule.")
       .def("gather",
-           [](const BoundTable& t, Int64Array starts, int64_t seq_len, uintptr_t x, bool x_int32, uintptr_t y) {
+           [](const BoundTable& t, Int64Array starts, int64_t seq_len, uintptr_t x, bool x_int32, uintptr_t y,
+              int64_t step) {
              check_call(t, 0, 0, 0, 0, seq_len);
              const int64_t batch = starts.size();
              check_starts(t, starts.data(), batch, seq_len);
+             enter_watch(t);
              py::gil_scoped_release release;
+             WatchedRead read(t, step);
              guarded_gather({&t, starts.data(), batch, seq_len, reinterpret_cast<void*>(x), x_int32,
                              reinterpret_cast<int64_t*>(y)});
+             read.complete();
            },
            py::arg("starts").noconvert(), py::arg("seq_len"), py::arg("x"), py::arg("x_int32"), py::arg("y"),
-           "x, y: data pointers of contiguous (len(starts), seq_len) tensors (x int32 or int64, y int64).")
+           py::arg("step") = -1,
+           "x, y: data pointers of contiguous (len(starts), seq_len) tensors (x int32 or int64, y int64); `step` "
+           "the loader step the batch is for (watched), -1 for none.")
       .def("sample_and_gather",
            [](const BoundTable& t, int mode, uint64_t seed, uint64_t step, int64_t row0, int64_t global_batch,
               int64_t seq_len, Int64Array starts, uintptr_t x, bool x_int32, uintptr_t y, int64_t windows_per_chunk) {
@@ -229,10 +338,13 @@ PYBIND11_MODULE(_native, m) {
              const Sampling s = check_call(t, mode, row0, batch, global_batch, seq_len);
              const gpuload::Chunking chunking = make_chunking(t, global_batch, seq_len, windows_per_chunk);
              int64_t* dst = starts.mutable_data();
+             enter_watch(t);
              py::gil_scoped_release release;
              gpuload::window_starts(s, seed, step, row0, batch, global_batch, t.table.num_tokens(), seq_len, chunking, dst);
+             WatchedRead read(t, static_cast<int64_t>(step));
              guarded_gather({&t, dst, batch, seq_len, reinterpret_cast<void*>(x), x_int32,
                              reinterpret_cast<int64_t*>(y)});
+             read.complete();
            },
            py::arg("mode"), py::arg("seed"), py::arg("step"), py::arg("row0"), py::arg("global_batch"),
            py::arg("seq_len"), py::arg("starts").noconvert(), py::arg("x"), py::arg("x_int32"), py::arg("y"),
@@ -240,17 +352,20 @@ PYBIND11_MODULE(_native, m) {
            "Window starts of rows row0 .. row0+len(starts)-1 into `starts`, then their gather into x and y.")
       .def("gather_rows",
            [](const BoundTable& t, Int64Array starts, int64_t seq_len, Int64Array out_rows, uintptr_t x, bool x_int32,
-              uintptr_t y, int64_t x_rows) {
+              uintptr_t y, int64_t x_rows, int64_t step) {
              check_call(t, 0, 0, 0, 0, seq_len);
              check_rows(nullptr, out_rows, starts, 0, x_rows);
              const int64_t batch = starts.size();
              check_starts(t, starts.data(), batch, seq_len);
+             enter_watch(t);
              py::gil_scoped_release release;
+             WatchedRead read(t, step);
              guarded_gather({&t, starts.data(), batch, seq_len, reinterpret_cast<void*>(x), x_int32,
                              reinterpret_cast<int64_t*>(y), out_rows.data()});
+             read.complete();
            },
            py::arg("starts").noconvert(), py::arg("seq_len"), py::arg("out_rows").noconvert(), py::arg("x"),
-           py::arg("x_int32"), py::arg("y"), py::arg("x_rows"),
+           py::arg("x_int32"), py::arg("y"), py::arg("x_rows"), py::arg("step") = -1,
            "The window at starts[b] into row out_rows[b] of x and y, contiguous (x_rows, seq_len) tensors.")
       .def("sample_rows_and_gather",
            [](const BoundTable& t, int mode, uint64_t seed, uint64_t step, Int64Array rows, int64_t global_batch,
@@ -261,11 +376,14 @@ PYBIND11_MODULE(_native, m) {
              const gpuload::Chunking chunking = make_chunking(t, global_batch, seq_len, windows_per_chunk);
              const int64_t batch = rows.size();
              int64_t* dst = starts.mutable_data();
+             enter_watch(t);
              py::gil_scoped_release release;
              gpuload::window_starts_of_rows(s, seed, step, rows.data(), batch, global_batch, t.table.num_tokens(),
                                             seq_len, chunking, dst);
+             WatchedRead read(t, static_cast<int64_t>(step));
              guarded_gather({&t, dst, batch, seq_len, reinterpret_cast<void*>(x), x_int32,
                              reinterpret_cast<int64_t*>(y), out_rows.data()});
+             read.complete();
            },
            py::arg("mode"), py::arg("seed"), py::arg("step"), py::arg("rows").noconvert(), py::arg("global_batch"),
            py::arg("seq_len"), py::arg("out_rows").noconvert(), py::arg("starts").noconvert(), py::arg("x"),

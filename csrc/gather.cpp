@@ -1,6 +1,7 @@
 #include "gather.h"
 
 #include <algorithm>
+#include <cstring>
 
 namespace gpuload {
 namespace {
@@ -46,6 +47,19 @@ void gather_windows(const ShardTable& shards, const int64_t* starts, int64_t bat
   }
   if (x_int32) return gather_typed<uint32_t, int32_t>(shards, starts, batch, seq_len, x32, y, out_rows);
   return gather_typed<uint32_t, int64_t>(shards, starts, batch, seq_len, x64, y, out_rows);
+}
+
+void copy_tokens(const ShardTable& shards, int64_t start, int64_t count, void* out) {
+  if (count == 0) return;
+  size_t s = std::upper_bound(shards.start.begin(), shards.start.end(), start) - shards.start.begin() - 1;
+  auto* dst = static_cast<char*>(out);
+  for (int64_t done = 0; done < count; ++s) {
+    const int64_t local = start + done - shards.start[s];
+    const int64_t n = std::min(count - done, shards.start[s + 1] - shards.start[s] - local);
+    std::memcpy(dst + done * shards.token_bytes, static_cast<const char*>(shards.base[s]) + local * shards.token_bytes,
+                static_cast<size_t>(n) * shards.token_bytes);
+    done += n;
+  }
 }
 
 void window_starts(Sampling mode, uint64_t seed, uint64_t step, int64_t row0, int64_t count,

@@ -22,6 +22,10 @@ struct ShardTable {
 void gather_windows(const ShardTable& shards, const int64_t* starts, int64_t batch, int64_t seq_len,
                     void* x, bool x_int32, int64_t* y, const int64_t* out_rows = nullptr);
 
+// Tokens [start, start + count) of the stream into `out` (count tokens of the shards' width); the caller
+// guarantees the range lies inside the stream.
+void copy_tokens(const ShardTable& shards, int64_t start, int64_t count, void* out);
+
 // starts[b] = window_start(mode, seed, step, row0 + b, ..., chunking) for b in [0, count).
 void window_starts(Sampling mode, uint64_t seed, uint64_t step, int64_t row0, int64_t count,
                    int64_t global_batch, int64_t num_tokens, int64_t seq_len, const Chunking& chunking,

@@ -10,6 +10,7 @@ import signal
 import sys
 import threading
 import traceback
+import warnings
 from typing import Optional, Sequence
 
 # OS errors about a path the user gave; the project's own error types are added in _user_errors().
@@ -88,6 +89,11 @@ def unescape(text: str) -> str:
     return re.sub(r"\\(.)", lambda m: ESCAPES.get(m.group(1), m.group(0)), text)
 
 
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning as one line on stderr, like the CLI's own, without the file and source line Python adds."""
+    print(f"gpuload: warning: {str(message).removeprefix('gpuload: ')}", file=sys.stderr)
+
+
 def _prepare(args) -> int:
     from gpuload.prepare import prepare
 
@@ -97,12 +103,14 @@ def _prepare(args) -> int:
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, terminate) if in_main_thread else None
     try:
-        manifest = prepare(
-            args.inputs, args.out, encoding=args.encoding, field=args.field,
-            doc_sep=unescape(args.doc_sep) if args.doc_sep is not None else None, strip=args.strip, bos=args.bos,
-            shard_tokens=args.shard_tokens, val_tokens=args.val_tokens, workers=args.workers,
-            overwrite=args.overwrite, skip_bad=args.skip_bad, quiet=args.quiet,
-            **({"max_doc_bytes": args.max_doc_bytes} if args.max_doc_bytes is not None else {}))
+        with warnings.catch_warnings():
+            warnings.showwarning = _warning_line  # prepare warns as a library does; the CLI speaks in one line
+            manifest = prepare(
+                args.inputs, args.out, encoding=args.encoding, field=args.field,
+                doc_sep=unescape(args.doc_sep) if args.doc_sep is not None else None, strip=args.strip,
+                bos=args.bos, shard_tokens=args.shard_tokens, val_tokens=args.val_tokens, workers=args.workers,
+                overwrite=args.overwrite, skip_bad=args.skip_bad, quiet=args.quiet,
+                **({"max_doc_bytes": args.max_doc_bytes} if args.max_doc_bytes is not None else {}))
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous)

@@ -106,7 +106,12 @@ def inspect_path(path: str, encoding: Optional[str] = None, num_tokens: int = 16
     except ValueError as e:  # shards' own checks on the path; made a ShardError so the CLI shows one line
         raise ShardError(str(e)) from None
     directories = {os.path.dirname(os.path.abspath(f)) for f in files}
-    manifest = load_manifest(directories.pop()) if len(directories) == 1 else None
+    manifest, manifest_note = None, None
+    if len(directories) == 1:
+        try:
+            manifest = load_manifest(directories.pop(), strict=True)
+        except ShardError as e:  # the shards are still worth listing: their tokens do not depend on it
+            manifest_note = f"{e} Its encoding, delimiter and counts are not used."
     listed = {s["file"]: s for s in manifest.get("shards", [])} if manifest else {}
     if manifest is not None and not any(os.path.basename(f) in listed for f in files):
         manifest, listed = None, {}  # a manifest of other files: its delimiter and encoding would mislead
@@ -120,7 +125,7 @@ def inspect_path(path: str, encoding: Optional[str] = None, num_tokens: int = 16
     if encoding and enc is not None:
         delimiter, delimiter_from = delimiter_token(enc), "--encoding"
 
-    shards, notes = [], [note] if note else []
+    shards, notes = [], [n for n in (manifest_note, note) if n]
     opened = [open_shard(file) for file in files]
     for file, shard in zip(files, opened):
         row = {"file": file, "format": describe_format(shard), "dtype": shard.dtype.name, "tokens": shard.num_tokens,
@@ -165,7 +170,7 @@ def _count(value) -> str:
 
 def _delimiter_line(report: dict) -> str:
     if report["delimiter"] is None:
-        return "unknown (no manifest.json; pass --encoding NAME)"
+        return "unknown (no usable manifest.json; pass --encoding NAME)"
     placement = {"eos": " after each document", "bos": " before each document"}.get(report["placement"], "")
     return f"token {report['delimiter']}{placement} (from {report['delimiter_from']})"
 

@@ -7,6 +7,8 @@ gpuload/state.py. Per next(): the loop bound, the contract's domain, one `produc
 
 from __future__ import annotations
 
+import operator
+import threading
 from typing import Mapping, Optional
 
 import numpy as np
@@ -27,8 +29,9 @@ class GPULoader:
     (seed, s, g) and the global batch G = world_size * batch_size (see gpuload/sampling.py), so the
     stream of global batches is the same for any world_size with the same G. The torch and triton
     backends read tokens from a ring (gpuload/ring.py) of `ring_tokens` tokens (None: the whole stream
-    when it fits gpuload.ring.default_ring_bytes()); a ring smaller than the stream switches random and
-    shuffle to the chunked rule, on every backend alike.
+    when it fits this rank's share of the node's budget, gpuload.ring.default_ring_bytes(local ranks)); a
+    ring smaller than the stream switches random and shuffle to the chunked rule, on every backend alike.
+    next(), state_dict() and load_state_dict() may be called from several threads: each next() is one whole step.
 
     `files` as {name: files} with `weights={name: weight}` is a mixture: every global batch takes
     exactly c_k rows from source k (gpuload/mixture.py), and each source keeps its own position.
@@ -48,6 +51,8 @@ class GPULoader:
                  align: Optional[str] = None, weights: Optional[Mapping[str, float]] = None,
                  doc_capacity: Optional[int] = None):
         self._closed = False
+        # One step at a time: the producers' scratch and the rings' read lock serve one next() (~0.1 us a step).
+        self._lock = threading.Lock()
         self.sources: list[Source] = []
         plan = Plan(files, batch_size, seq_len, sampling, seed, rank, world_size, device, input_dtype, backend,
                     token_dtype, ring_tokens, placement, static_buffers, loop, bos_token, doc_info, align, weights,
@@ -96,32 +101,47 @@ class GPULoader:
         return (self.num_tokens - 1) // self.seq_len // self.global_batch
 
     def __next__(self):
-        """(x, y), or (x, y, doc) with doc_info=True (gpuload.documents.DocInfo, computed on the batch's device)."""
-        step = self._step
-        if not self.loop and step >= len(self):
-            raise StopIteration
-        if self._closed:
-            raise RuntimeError("the loader is closed; create a new GPULoader (and load_state_dict) to go on")
-        if step > self._last_step:
-            check_domain(step, self.global_batch, self.num_tokens)
-        x, y = self._producer.produce(step)
-        self._step = step + 1
-        if self.doc_info:
-            return x, y, self._producer.doc_info(x)
-        return x, y
+        """(x, y), or (x, y, doc) with doc_info=True (gpuload.documents.DocInfo, computed on the batch's device).
+
+        Safe from several threads: each call gets a whole, distinct step."""
+        with self._lock:
+            step = self._step
+            if not self.loop and step >= len(self):
+                raise StopIteration
+            if self._closed:
+                raise RuntimeError("the loader is closed; create a new GPULoader (and load_state_dict) to go on")
+            if step > self._last_step:
+                check_domain(step, self.global_batch, self.num_tokens)
+            x, y = self._producer.produce(step)
+            self._step = step + 1
+            if self.doc_info:
+                return x, y, self._producer.doc_info(x)
+            return x, y
+
+    def _check_step(self, step) -> int:
+        """`step` as an int of the contract's domain; bools and floats are refused rather than taken as steps."""
+        if isinstance(step, bool):
+            raise ValueError(f"step must be an integer >= 0, got {step!r} (a bool)")
+        try:
+            step = operator.index(step)
+        except TypeError:
+            raise ValueError(f"step must be an integer >= 0, got {step!r} ({type(step).__name__})") from None
+        check_domain(step, self.global_batch, self.num_tokens)
+        return step
 
     def row_sources(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(source, index) of each of this rank's rows at `step` (int64, CPU): the row's source in
         `self.sources` and its row among that source's c_k rows (the global row of its contract)."""
-        return self._plan.row_sources(step)
+        return self._plan.row_sources(self._check_step(step))
 
     def window_starts(self, step: int) -> torch.Tensor:
         """Window start of each of this rank's rows at `step` (int64, CPU), in the stream of the row's source."""
-        return self._plan.window_starts(step)
+        return self._plan.window_starts(self._check_step(step))
 
     def state_dict(self) -> dict:
         """Everything needed to continue the same batch stream; plain data (JSON-serializable)."""
-        return make_state(self._plan, self.step, self.seed)
+        with self._lock:  # the step of the last whole next(), never one in flight
+            return make_state(self._plan, self.step, self.seed)
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from `state`; refuses a state of other datasets, seq_len, global batch or sampling mode.
@@ -130,13 +150,14 @@ class GPULoader:
         goes on from `step` by the contract with its new rows per step (README, "Mixtures").
         """
         step, seed = check_state(self._plan, state)
-        if seed != self._plan.seed:
-            self._plan.seed = seed
-            self._producer.set_seed(seed)
-        self._step = step
-        set_step = getattr(self._producer, "set_step", None)
-        if set_step is not None:
-            set_step(step)
+        with self._lock:
+            if seed != self._plan.seed:
+                self._plan.seed = seed
+                self._producer.set_seed(seed)
+            self._step = step
+            set_step = getattr(self._producer, "set_step", None)
+            if set_step is not None:
+                set_step(step)
 
     def pinned_bytes(self) -> int:
         """Host bytes this loader's rings keep page-locked now: with CUDA, 2 x 16 MiB of staging per filling
@@ -144,13 +165,16 @@ class GPULoader:
         return sum(source.ring.pinned_bytes() for source in self.sources if source.ring is not None)
 
     def close(self) -> None:
-        """Stop the rings' fillers, free the rings and release the shards (a batch in flight completes)."""
+        """Stop the rings' fillers, free the rings and release the shards (a batch in flight completes).
+
+        Does not take the lock next() holds: a next() in another thread may be waiting for a ring fill, which
+        stopping the filler ends (that next() raises 'closed'); the nexts queued behind it find the loader closed."""
+        was_closed, self._closed = self._closed, True
         producer = getattr(self, "_producer", None)
         if producer is not None:
-            if producer.counter is not None and not self._closed:
+            if producer.counter is not None and not was_closed:
                 self._step = int(producer.counter[0])  # where replays left the step: state_dict() still says it
             producer.close()
-        self._closed = True
         for source in self.sources:
             source.close()
 
@@ -172,4 +196,16 @@ class GPULoader:
             data = f"tokens={self.num_tokens}, {ring(self.sources[0])}"
         pinned = f", pinned={self.pinned_bytes() / 2**20:.1f} MiB" if self.device.type == "cuda" else ""
         return (f"GPULoader(B={self.batch_size}, T={self.seq_len}, sampling={self.sampling!r}, seed={self.seed}, "
-                f"rank={self.rank}/{self.world_size}, backend={self.backend!r}, device={self.device}, {data}{pinned})")
+                f"rank={self.rank}/{self.world_size}, backend={self.backend!r}, device={self.device}, {data}, "
+                f"{self._node_memory()}{pinned})")
+
+    def _node_memory(self) -> str:
+        """What the node holds for this loader when each of its ranks makes one alike: its ranks x this one's rings,
+        in device memory (placement='device' on CUDA) or host memory; the native backend holds no ring."""
+        ranks = f"node={self._plan.local_ranks} rank{'s' if self._plan.local_ranks > 1 else ''}"
+        if self.backend == "native":
+            return f"{ranks} x 0.0 MiB (native reads the memory maps in place)"
+        held = sum(source.layout.ring_tokens for source in self.sources) * self.sources[0].stream.dtype.itemsize
+        kind = "device" if self.device.type == "cuda" and self.placement == "device" else "host"
+        size = f"{held / 2**20:.1f} MiB" if held >= 2**20 else f"{held / 2**10:.1f} KiB"
+        return f"{ranks} x {size} {kind}"

@@ -17,10 +17,11 @@ from gpuload.documents import (AlignedChunking, aligned_window_starts_and_visits
                                usable_document_starts)
 from gpuload.mixture import mixture_counts, mixture_rows
 from gpuload.ring import NUM_SLOTS, PLACEMENTS, Ring, RingLayout, default_ring_bytes, plan_ring, smallest_chunked_ring
-from gpuload.sampling import SAMPLING_MODES, check_domain, window_starts_and_visits
+from gpuload.sampling import MAX_TOKENS, SAMPLING_MODES, check_domain, window_starts_and_visits
 from gpuload.shards import TokenStream
 
 BACKENDS = ("auto", "torch", "native", "triton")
+MAX_BATCH_TOKENS = 1 << 31  # batch_size * seq_len stays below: doc_info's cu_seqlens are int32
 
 
 def _env_int(name: str) -> Optional[int]:
@@ -30,7 +31,8 @@ def _env_int(name: str) -> Optional[int]:
     try:
         return int(value)
     except ValueError:
-        raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+        raise ValueError(f"environment variable {name}={value!r} is not an integer: set it to one, or unset "
+                         f"it") from None
 
 
 def _as_int(name: str, value) -> int:
@@ -52,7 +54,27 @@ def default_rank_world() -> tuple[int, int]:
     rank, world = _env_int("RANK"), _env_int("WORLD_SIZE")
     if rank is not None and world is not None:
         return rank, world
+    if rank is not None or world is not None:
+        found = f"RANK={rank}, WORLD_SIZE unset" if world is None else f"WORLD_SIZE={world}, RANK unset"
+        raise ValueError(f"the environment sets one of RANK and WORLD_SIZE but not the other ({found}); a launcher "
+                         f"such as torchrun sets both: set both, unset both (a single process is rank 0 of 1), or "
+                         f"pass rank= and world_size=")
     return 0, 1
+
+
+def local_world_size() -> int:
+    """Ranks on this node, which share its default ring budget (gpuload.ring.default_ring_bytes):
+    LOCAL_WORLD_SIZE (torchrun sets it), else the local CUDA devices when there are several (a rank per GPU),
+    else 1."""
+    local = _env_int("LOCAL_WORLD_SIZE")
+    if local is not None:
+        if local < 1:
+            raise ValueError(f"environment variable LOCAL_WORLD_SIZE={local} must be >= 1 (the ranks on this node, "
+                             f"as torchrun sets it): set it to that count, or unset it")
+        return local
+    if torch.cuda.is_available() and torch.cuda.device_count() > 1:
+        return torch.cuda.device_count()
+    return 1
 
 
 def default_device() -> torch.device:
@@ -137,6 +159,13 @@ class Plan:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if seq_len < 1:
             raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+        if batch_size * seq_len >= MAX_BATCH_TOKENS:
+            raise ValueError(f"batch_size * seq_len = {batch_size} * {seq_len} = {batch_size * seq_len} tokens per "
+                             f"batch; gpuload takes fewer than 2**31 (doc_info's cu_seqlens are int32, and an int64 "
+                             f"batch of x and y is 32 GiB at that bound): lower batch_size or seq_len")
+        if not 0 <= seed < 1 << 64:
+            raise ValueError(f"seed must be in [0, 2**64) (the batches hash its 64 bits, so a seed outside would "
+                             f"alias one inside), got {seed}; pass seed % 2**64 if that is the one you mean")
         if sampling not in SAMPLING_MODES:
             raise ValueError(f"sampling must be one of {SAMPLING_MODES}, got {sampling!r}")
         if input_dtype not in (torch.int64, torch.int32):
@@ -172,11 +201,17 @@ class Plan:
             ring_tokens = _as_int("ring_tokens", ring_tokens)
             if ring_tokens < 1:
                 raise ValueError(f"ring_tokens must be >= 1 (or None for the whole stream), got {ring_tokens}")
-        default_rank, default_world = default_rank_world()
+        # The environment only for what the arguments leave open: rank= and world_size= override a stray RANK.
+        default_rank, default_world = default_rank_world() if rank is None or world_size is None else (0, 1)
         rank = default_rank if rank is None else _as_int("rank", rank)
         world_size = default_world if world_size is None else _as_int("world_size", world_size)
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        if world_size * batch_size * seq_len > MAX_TOKENS:
+            raise ValueError(f"world_size * batch_size * seq_len = {world_size} * {batch_size} * {seq_len} tokens per "
+                             f"global batch; gpuload takes at most 2**62 (the largest stream), which keeps the "
+                             f"sampling's step * global_batch + row within int64: lower world_size or batch_size")
+        self.local_ranks = local_world_size()  # the ranks sharing this node's default ring budget
 
         self.batch_size, self.seq_len, self.sampling, self.seed = batch_size, seq_len, sampling, seed
         self.rank, self.world_size = rank, world_size
@@ -247,6 +282,8 @@ class Plan:
             if source.num_tokens < self.seq_len + 1:
                 raise ValueError(f"{source.where()} holds {source.num_tokens} tokens in all; a window needs "
                                  f"seq_len + 1 = {self.seq_len + 1}. Use a smaller seq_len or more data.")
+            if self.input_dtype == torch.int32:
+                source.stream.check_int32_inputs()
         if len(self.sources) == 1:
             return
         widths = {source.stream.dtype for source in self.sources}
@@ -264,7 +301,10 @@ class Plan:
 
     def _plan_rings(self, ring_tokens: Optional[int]) -> None:
         itemsize = self.sources[0].stream.dtype.itemsize
-        budget = default_ring_bytes() // itemsize if ring_tokens is None else ring_tokens
+        # The default is this rank's share of the node's budget: every loader of the rank takes one.
+        budget = default_ring_bytes(self.local_ranks) // itemsize if ring_tokens is None else ring_tokens
+        default = (f"the default ring budget ({budget} tokens: the node's divided among its {self.local_ranks} "
+                   f"local rank(s), gpuload.ring.default_ring_bytes())")
         sizes = [source.num_tokens for source in self.sources]
         shares = ring_budgets(sizes, budget)
         if self.mixed:
@@ -281,8 +321,7 @@ class Plan:
                         low = middle + 1
                 short = ", ".join(f"{source.name!r} gets {share} and needs {need}" for source, share, need
                                   in zip(self.sources, shares, needs) if share < need)
-                given = f"ring_tokens={ring_tokens}" if ring_tokens is not None else \
-                    f"the default ring budget ({budget} tokens, gpuload.ring.default_ring_bytes())"
+                given = f"ring_tokens={ring_tokens}" if ring_tokens is not None else default
                 rows = ", ".join(f"{source.name!r} {source.rows}" for source in self.sources)
                 raise ValueError(
                     f"{given} is too small for this mixture: it is shared among the sources (one smaller than its "
@@ -291,7 +330,13 @@ class Plan:
                     f"({rows} rows per step) at seq_len {self.seq_len}. "
                     f"Pass ring_tokens >= {low}.")
         for source, share in zip(self.sources, shares):
-            source.layout = plan_ring(source.num_tokens, itemsize, self.seq_len, source.rows, share)
+            try:
+                source.layout = plan_ring(source.num_tokens, itemsize, self.seq_len, source.rows, share)
+            except ValueError as e:
+                if ring_tokens is not None:
+                    raise
+                raise ValueError(f"{default} is too small for {source.where()}: {e}; pass ring_tokens=, or lower "
+                                 f"LOCAL_WORLD_SIZE if fewer ranks share this node") from None
             check_domain(0, source.rows, source.num_tokens)
 
     def _choose_backend(self, backend: str) -> str:

@@ -15,6 +15,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -616,9 +617,13 @@ class ShardWriter:
         return self.records
 
     def abort(self) -> None:
-        if self.file is not None:
-            self.file.close()
-            self.file = None
+        """Close the open shard unfinished; its bytes are thrown away, so a flush that fails (disk full) is too."""
+        file, self.file = self.file, None
+        if file is not None:
+            try:
+                file.close()
+            except OSError:  # the buffered bytes could not be written; the file goes with the staging directory
+                pass
 
 
 def _pid_alive(pid: int) -> bool:
@@ -677,8 +682,12 @@ def check_out(out: str, overwrite: bool) -> None:
 def _make_staging(out: str) -> str:
     os.makedirs(out, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=out)
-    with open(os.path.join(staging, OWNER), "w") as f:
-        json.dump({"host": socket.gethostname(), "pid": os.getpid()}, f)
+    try:
+        with open(os.path.join(staging, OWNER), "w") as f:
+            json.dump({"host": socket.gethostname(), "pid": os.getpid()}, f)
+    except BaseException:  # a full disk can take the directory but not the file in it
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return staging
 
 
@@ -773,6 +782,12 @@ def prepare(inputs, out: PathLike, *, encoding: str = "gpt2", field: str = "text
     workers = default_workers() if workers is None else workers
     if workers < 1:
         raise PrepareError(f"--workers must be at least 1, got {workers}.")
+    cores = usable_cores()
+    if workers > cores:
+        # Encoding is CPU-bound: extra processes only take turns on the cores, each with its own memory.
+        warnings.warn(f"gpuload: --workers {workers} capped at the {cores} usable core{'s' * (cores != 1)}",
+                      stacklevel=2)
+        workers = cores
     if max_doc_bytes < 1:
         raise PrepareError(f"--max-doc-bytes must be at least 1, got {max_doc_bytes}.")
 
@@ -793,17 +808,19 @@ def prepare(inputs, out: PathLike, *, encoding: str = "gpt2", field: str = "text
     remove_stale_staging(out)
     workers = min(workers, _estimated_tasks(sources, sep, batch_bytes))
 
-    try:
-        staging = _make_staging(out)
-    except OSError as e:
-        raise _write_error(out, "the staging directory", e) from None
-    writer = ShardWriter(staging, dtype, shard_tokens, val_tokens, delimiter)
     progress = Progress("prepare", total=sum(s.size for s in sources) or None, rate="tokens", quiet=quiet)
     per_source = [{"documents": 0, "tokens": 0} for _ in sources]
     totals = {"documents": 0, "tokens": 0, "text_bytes": 0, "empty": 0}
-    results = encode_tasks(make_tasks(sources, field, sep, batch_bytes, skips), (spec, bos, strip, skip_bad), workers)
+    staging = writer = results = None
     succeeded = False
     try:
+        try:
+            staging = _make_staging(out)
+        except OSError as e:
+            raise _write_error(out, "the staging directory", e) from None
+        writer = ShardWriter(staging, dtype, shard_tokens, val_tokens, delimiter)
+        results = encode_tasks(make_tasks(sources, field, sep, batch_bytes, skips), (spec, bos, strip, skip_bad),
+                               workers)
         for encoded, advance in results:
             try:
                 writer.write(encoded.tokens)
@@ -864,13 +881,19 @@ def prepare(inputs, out: PathLike, *, encoding: str = "gpt2", field: str = "text
         succeeded = True
         return manifest
     finally:
-        results.close()  # stops the worker pool before the staging directory goes
-        writer.abort()
-        shutil.rmtree(staging, ignore_errors=True)
-        if not succeeded:
-            progress.abandon()
-            if created:
-                try:
-                    os.rmdir(out)  # only if still empty: a failed run leaves no trace
-                except OSError:
-                    pass
+        # Every step runs even when one before it fails: a failed run leaves no staging directory behind.
+        try:
+            if results is not None:
+                results.close()  # stops the worker pool before the staging directory goes
+        finally:
+            if writer is not None:
+                writer.abort()
+            if staging is not None:
+                shutil.rmtree(staging, ignore_errors=True)
+            if not succeeded:
+                progress.abandon()
+                if created:
+                    try:
+                        os.rmdir(out)  # only if still empty: a failed run leaves no trace
+                    except OSError:
+                        pass

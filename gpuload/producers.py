@@ -8,7 +8,8 @@ buffers, and `produce(step)` is the per-step path (README, "Host cost per batch"
   buffers on whole-stream rings the step lives on the device (`counter`, [step, launch scratch]): the
   kernel reads it and its last program advances it, so next() can be captured in a CUDA graph and each
   replay gathers the next batch.
-- NativeProducer: the C++ gather on the host from the memory maps (csrc/), copied to the device.
+- NativeProducer: the C++ gather on the host from the memory maps (csrc/), copied to the device; the
+  shard table's watch (csrc/watch.h) reports a shard changed under the maps within a bounded number of steps.
 - TorchProducer: the plain-torch reference, reading the ring.
 Producers import the plan; the loader imports the producers, never the other way round.
 """
@@ -95,10 +96,11 @@ class NativeProducer(Producer):
 
     def __init__(self, plan: Plan):
         super().__init__(plan)
-        # The shard table keeps the memory maps alive while a call is in flight; the page cache is its ring.
+        # The stream's shard table keeps the memory maps alive while a call is in flight (the page cache is its
+        # ring) and watches the files behind them (csrc/watch.h): a changed shard raises ShardChanged in next().
         self.tables = []
         for source in plan.sources:
-            source.table = native.module().ShardTable(source.stream.arrays, source.stream.paths)
+            source.table = source.stream.table
             self.tables.append(source.table)
         B = plan.batch_size
         self._rows = np.arange(plan.rank * B, (plan.rank + 1) * B, dtype=np.int64)
@@ -124,7 +126,7 @@ class NativeProducer(Producer):
                                         source.windows_per_chunk)
             else:
                 self._aligned_starts(source, step, self._rows, self._starts)
-                table.gather(self._starts, T, x.data_ptr(), int32, y.data_ptr())
+                table.gather(self._starts, T, x.data_ptr(), int32, y.data_ptr(), step)
             return self._to_device(x, y)
         # The mixture in C++ too: gpuload.mixture.mixture_rows's rule, then per source the starts of its rows and
         # their gather straight into the batch rows they belong to.
@@ -140,7 +142,7 @@ class NativeProducer(Producer):
                                              source.windows_per_chunk)
             else:
                 self._aligned_starts(source, step, index, starts)
-                table.gather_rows(starts, T, rows, x.data_ptr(), int32, y.data_ptr(), plan.batch_size)
+                table.gather_rows(starts, T, rows, x.data_ptr(), int32, y.data_ptr(), plan.batch_size, step)
         return self._to_device(x, y)
 
     def _aligned_starts(self, source: Source, step: int, rows: np.ndarray, out: np.ndarray) -> None:

@@ -21,9 +21,11 @@ fill completes on the device before the first batch reads it (the filler waits f
 whole-stream gathers wait on nothing. On the CPU the ring is ordinary memory read in place. Every CUDA
 call goes through one `gpuload.cuda.CudaOps`; the filler thread sets its device and capture mode first.
 
-Faults. An exception in the filler (a shard deleted or truncated, a read error) is raised by the next
-`acquire()`, i.e. the loader's next `next()`. The filler is a daemon thread that holds no reference to
-the Ring, so an unclosed loader neither hangs interpreter exit nor outlives its last reference.
+Faults. An exception in the filler (a shard changed since the loader opened it, a read error) is raised
+by the next `acquire()`, i.e. the loader's next `next()`; every fill read is checked against the shard as
+opened after it lands (TokenStream.read_into), so a changed shard never reaches the ring. The filler is
+a daemon thread that holds no reference to the Ring, so an unclosed loader neither hangs interpreter exit
+nor outlives its last reference.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ import torch
 
 from gpuload.cuda import CudaOps, capture_error
 from gpuload.sampling import Chunking
-from gpuload.shards import TokenStream
+from gpuload.shards import ShardChanged, TokenStream
 
 if TYPE_CHECKING:
     from gpuload.documents import AlignedChunking
@@ -50,20 +52,30 @@ PLACEMENTS = ("device", "zero-copy")
 NUM_SLOTS = 4
 PAGE_BYTES = 4096
 FILL_PIECE_BYTES = 16 << 20  # one read and one H2D copy; small enough for a prompt stop, large enough for bulk speed
-DEFAULT_RING_BYTES = 4 << 30
+DEFAULT_RING_BYTES = 4 << 30  # a node's default budget at most, shared by its ranks (default_ring_bytes)
 WAIT_POLL_S = 0.2
 CLOSE_WAIT_S = 60.0  # close() waits this long for a next() in flight before leaving the memory to the GC
 
 _TORCH_TOKEN_DTYPES = {np.dtype(np.uint16): torch.uint16, np.dtype(np.uint32): torch.uint32}
 
 
-def default_ring_bytes() -> int:
-    """The whole stream goes in the ring up to min(4 GiB, 1/8 of physical memory); larger streams are chunked."""
+def default_ring_bytes(local_ranks: int = 1) -> int:
+    """One loader's default ring budget: the node's budget, min(4 GiB, 1/8 of physical memory), divided among
+    the `local_ranks` ranks on the node (the loader passes gpuload.plan.local_world_size()). The whole stream
+    goes in the ring up to it; larger streams are chunked.
+
+    Per kind of memory: device memory (placement='device' rings on CUDA) and host memory (CPU and zero-copy
+    rings) are budgeted apart, and each loader of a rank takes at most one share, so a node whose ranks each
+    hold L loaders of one kind (train + val: 2) holds at most L node budgets of it, whatever its rank count.
+    """
+    if isinstance(local_ranks, bool) or not isinstance(local_ranks, int) or local_ranks < 1:
+        raise ValueError(f"default_ring_bytes: local_ranks must be an integer >= 1 (the ranks on this node), "
+                         f"got {local_ranks!r}")
     try:
         physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
-        return DEFAULT_RING_BYTES
-    return min(DEFAULT_RING_BYTES, physical // 8)
+        physical = 8 * DEFAULT_RING_BYTES
+    return min(DEFAULT_RING_BYTES, physical // 8) // local_ranks
 
 
 @dataclass(frozen=True)
@@ -258,6 +270,12 @@ class _Filler:
     def wait_ready(self, visit: int, what: str) -> None:
         with self.cond:
             while self.ready < visit:
+                if isinstance(self.error, ShardChanged):
+                    raise ShardChanged(
+                        f"{self.error} The ring stopped before loading the changed tokens, so no batch holds them; "
+                        f"{what} need them. Restore the shard and go on from this step (or resume from a "
+                        f"checkpoint at or before it), or create a new loader to train on the new content."
+                    ) from self.error
                 if self.error is not None:
                     raise self.error
                 if self.stopped:
@@ -371,8 +389,9 @@ class Ring:
         """Wait until every token step `step` reads is resident; the returned tensor is safe to read on the
         current stream until `release(step)`, which must follow (also when the read fails)."""
         if not self._reading.acquire(blocking=False):
-            raise RuntimeError("the ring is already being read: a next() is running in another thread (one loader "
-                               "serves one thread), or acquire() was not followed by release()")
+            raise RuntimeError("the ring is already being read: acquire() was not followed by release(), or two "
+                               "threads read one ring at once (a GPULoader serializes its next() calls; a Ring "
+                               "used directly must be read by one thread at a time)")
         try:
             if self._resident is not None and not self.closed:
                 return self._resident

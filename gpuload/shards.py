@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import glob
 import hashlib
+import io
 import json
+import mmap
 import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional, Union
 
 import numpy as np
+
+from gpuload import native
 
 # llm.c / modded-nanogpt shard header: 256 int32, then the tokens.
 HEADER_INTS = 256
@@ -29,18 +36,154 @@ PathLike = Union[str, os.PathLike]
 HINT = "---> HINT: is this a token shard (llm.c .bin, nanoGPT raw .bin or 1-D .npy)?"
 
 
-def load_manifest(directory: str) -> Optional[dict]:
-    """The manifest.json of `directory`, or None when there is none or it is not valid JSON."""
+def load_manifest(directory: str, strict: bool = False) -> Optional[dict]:
+    """The manifest.json of `directory`, or None when there is none.
+
+    A manifest that cannot be read, is not JSON, or gives a field that gpuload reads (the vocabulary
+    for mixtures, the encoding, delimiter and counts for `gpuload inspect`) the wrong type is malformed:
+    with `strict` that raises a ShardError naming the file and the field; otherwise it is ignored with
+    a warning, since the tokens come from the shards alone.
+    """
+    import reprlib
+    import warnings
+
+    path = os.path.join(directory, MANIFEST)
+
+    def shown(value) -> str:
+        kinds = {type(None): "null", bool: "a boolean", int: "a number", float: "a number", str: "a string",
+                 list: "an array", dict: "an object"}
+        return f"{kinds.get(type(value), type(value).__name__)} ({reprlib.repr(value)})"
+
+    def whole(value, low: int, high: Optional[int] = None) -> bool:
+        return (isinstance(value, int) and not isinstance(value, bool) and value >= low
+                and (high is None or value <= high))
+
+    def problems(manifest) -> list[str]:
+        if not isinstance(manifest, dict):
+            return [f"expected a JSON object, found {shown(manifest)}"]
+        found = []
+        fields = {  # field -> (check, what is expected)
+            "encoding": (lambda v: isinstance(v, str), "a string"),
+            "encoding_name": (lambda v: isinstance(v, str), "a string"),
+            "vocab_size": (lambda v: whole(v, 1), "a whole number >= 1"),
+            "token_dtype": (lambda v: isinstance(v, str), "a string"),
+            "tokens": (lambda v: whole(v, 0), "a whole number >= 0"),
+            "delimiter": (lambda v: isinstance(v, dict), "an object"),
+            "delimiter.token": (lambda v: whole(v, 0, 2**32 - 1), "a token id (a whole number >= 0)"),
+            "delimiter.placement": (lambda v: v in ("eos", "bos"), "'eos' or 'bos'"),
+            "shards": (lambda v: isinstance(v, list), "an array"),
+        }
+        for name, (check, expected) in fields.items():
+            parent, _, key = name.rpartition(".")
+            holder = manifest.get(parent) if parent else manifest
+            if isinstance(holder, dict) and key in holder and not check(holder[key]):
+                found.append(f"field {name!r}: expected {expected}, found {shown(holder[key])}")
+        for i, entry in enumerate(manifest.get("shards") if isinstance(manifest.get("shards"), list) else []):
+            if not isinstance(entry, dict) or not isinstance(entry.get("file"), str):
+                found.append(f"field 'shards[{i}]': expected an object with a 'file' name, found {shown(entry)}")
+                break
+            bad = [key for key in ("tokens", "documents") if key in entry and not whole(entry[key], 0)]
+            if bad:
+                found.append(f"field 'shards[{i}].{bad[0]}': expected a whole number >= 0, found {shown(entry[bad[0]])}")
+                break  # one bad entry is enough to tell the manifest is damaged
+        return found
+
     try:
-        with open(os.path.join(directory, MANIFEST)) as f:
+        with open(path, encoding="utf-8") as f:
             manifest = json.load(f)
-    except (OSError, ValueError):
+    except FileNotFoundError:
         return None
-    return manifest if isinstance(manifest, dict) else None
+    except OSError as e:
+        found = [f"cannot read it ({e.strerror or e})"]
+    except RecursionError:  # json recurses once per nesting level: "[" * 100000 overflows the stack
+        found = ["not valid JSON (nested too deeply to parse)"]
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        where = f" at line {e.lineno}, column {e.colno}" if isinstance(e, json.JSONDecodeError) else ""
+        found = [f"not valid JSON ({getattr(e, 'msg', e)}{where})"]
+    else:
+        found = problems(manifest)
+        if not found:
+            return manifest
+    message = f"{path}: malformed manifest: {'; '.join(found)}"
+    fix = "Re-run gpuload prepare to write it again, or remove it"
+    if strict:
+        raise ShardError(f"{message}. {fix}.")
+    warnings.warn(f"gpuload: {message}. Ignored: the tokens come from the shards alone. {fix}.", stacklevel=2)
+    return None
 
 
 class ShardError(ValueError):
     """A shard that cannot be read as tokens; the message names the file and what to do."""
+
+
+class ShardChanged(OSError):
+    """A shard that changed after the loader opened it (truncated, grown or rewritten): the message names the
+    file, the change, and the first step that may be affected."""
+
+
+@dataclass(frozen=True)
+class FileIdentity:
+    """What identifies a shard file as opened (device, inode) and what must stay as it was (size, mtime)."""
+
+    device: int
+    inode: int
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> "FileIdentity":
+        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def change(self, path: str) -> str:
+        """'' while the file at `path` is as opened, or is no longer this file (renamed away or deleted: the
+        loader's map holds the original pages); else how it changed. Same rule as csrc/watch.cpp."""
+        try:
+            st = os.stat(path)
+        except OSError:
+            return ""
+        if (st.st_dev, st.st_ino) != (self.device, self.inode):
+            return ""
+        what = []
+        if st.st_size != self.size:
+            what.append(f"{'truncated' if st.st_size < self.size else 'grown'} from {self.size} to {st.st_size} bytes")
+        if st.st_mtime_ns != self.mtime_ns:
+            what.append("modified (its mtime changed)")
+        return ", ".join(what)
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int64]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+class FileMap:
+    """A read-only shared map of a whole file that keeps no descriptor open.
+
+    numpy's memmap (Python's mmap) keeps a duplicate descriptor per map, so 1,000 shards would hold 1,000
+    descriptors against a common limit of 1,024. numpy arrays view this map through __array_interface__
+    and keep it alive; it is unmapped when the last view goes.
+    """
+
+    def __init__(self, fd: int, size: int, path: str):
+        address = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        if address is None or address == _MAP_FAILED:
+            code = ctypes.get_errno()
+            raise OSError(code, f"{path}: cannot memory-map the shard ({os.strerror(code)})")
+        self.address, self.size = address, size
+        self.__array_interface__ = {"shape": (size,), "typestr": "|u1", "data": (address, True), "version": 3}
+
+    def advise_willneed(self, offset: int, length: int) -> None:
+        """Ask the kernel to read bytes [offset, offset+length) ahead (a hint: errors are ignored)."""
+        first = offset // mmap.PAGESIZE * mmap.PAGESIZE
+        _libc.madvise(self.address + first, min(self.size - first, length + offset - first), mmap.MADV_WILLNEED)
+
+    def __del__(self):
+        if getattr(self, "address", None):
+            _libc.munmap(self.address, self.size)
+            self.address = None
 
 
 def natural_key(path: str):
@@ -70,11 +213,41 @@ def _check_one_split(source: str, names: list[str]) -> None:
             f"'DIR/*train*.bin' or 'DIR/*val*.bin', or a list of files.")
 
 
+def _not_a_file(path: str) -> Optional[Exception]:
+    """The error for a path that names something other than a regular file or a directory (a dangling symlink,
+    a symlink loop, a FIFO, a socket, a device), or None when it names a file, a directory or nothing."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return FileNotFoundError(f"{path!r} is a symlink loop (a link that leads back to itself); point it at a "
+                                     f"shard file or remove it")
+        if os.path.islink(path):
+            return FileNotFoundError(f"{path!r} is a dangling symlink to {os.readlink(path)!r}, which does not exist; "
+                                     f"restore its target or remove the link")
+        if e.errno in (errno.ENOENT, errno.ENOTDIR):
+            return None
+        return ShardError(f"{path!r}: cannot read it ({e.strerror}); check its permissions")
+    if stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode):
+        return None
+    kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode)
+            else "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else "not a regular file")
+    return ShardError(f"{path!r} is {kind}; a shard must be a regular file (llm.c .bin, raw .bin or 1-D .npy)")
+
+
+def _check_shard_names(paths: list[str]) -> None:
+    """Refuse shard-named entries that cannot be files: a dangling link among the shards would drop a shard silently."""
+    for path in paths:
+        error = _not_a_file(path)
+        if error is not None:
+            raise error
+
+
 def _directory_shards(directory: str, mixed_splits_ok: bool) -> list[str]:
     """The .bin/.npy files of a directory in natural order."""
-    names = sorted((name for name in os.listdir(directory)
-                    if name.endswith(SHARD_SUFFIXES) and os.path.isfile(os.path.join(directory, name))),
-                   key=natural_key)
+    entries = [os.path.join(directory, name) for name in os.listdir(directory) if name.endswith(SHARD_SUFFIXES)]
+    _check_shard_names(entries)
+    names = sorted((os.path.basename(p) for p in entries if os.path.isfile(p)), key=natural_key)
     if not names:
         raise FileNotFoundError(f"directory {directory!r} holds no shard files (expected names ending in .bin or .npy)")
     if not mixed_splits_ok:
@@ -84,7 +257,9 @@ def _directory_shards(directory: str, mixed_splits_ok: bool) -> list[str]:
 
 def _glob_shards(pattern: str, mixed_splits_ok: bool) -> list[str]:
     """The .bin/.npy files a glob matches, in natural order (other files, e.g. meta.pkl, are not tokens)."""
-    files = [p for p in glob.glob(pattern) if os.path.isfile(p)]
+    matched = glob.glob(pattern)
+    _check_shard_names([p for p in matched if p.endswith(SHARD_SUFFIXES)])
+    files = [p for p in matched if os.path.isfile(p)]
     if not files:
         raise FileNotFoundError(f"no files match the pattern {pattern!r}: check the path, and quote the pattern so "
                                 f"that the shell passes it to gpuload unexpanded")
@@ -103,16 +278,27 @@ def resolve_paths(files: Union[PathLike, Iterable[PathLike]], mixed_splits_ok: b
     A directory or glob holding both train and val shards is refused unless `mixed_splits_ok` (for
     listing them); explicitly named files are taken as given.
     """
-    items = [files] if isinstance(files, (str, os.PathLike)) else list(files)
+    expected = "a path, a glob, a directory or a list of these (str or os.PathLike)"
+    if isinstance(files, (str, bytes, os.PathLike)):
+        items = [files]
+    elif isinstance(files, Iterable) and not isinstance(files, dict):
+        items = list(files)
+    else:
+        raise ValueError(f"files must be {expected}, got {type(files).__name__} {files!r}")
     if not items:
         raise FileNotFoundError("no shard files given: pass a path, a glob, a directory or a list of paths")
+    for item in items:
+        if not isinstance(item, (str, bytes, os.PathLike)):
+            raise ValueError(f"files must be {expected}; the list holds {type(item).__name__} {item!r}")
     paths: list[str] = []
     for item in items:
-        text = os.fspath(item)
+        text = os.fsdecode(item)
         if os.path.isfile(text):  # before the glob test: a real file may have '[' in its name
             paths.append(text)
         elif os.path.isdir(text):
             paths.extend(_directory_shards(text, mixed_splits_ok))
+        elif _not_a_file(text) is not None:
+            raise _not_a_file(text)
         elif _is_pattern(text):
             paths.extend(_glob_shards(text, mixed_splits_ok))
         else:
@@ -129,6 +315,8 @@ class Shard:
     dtype: np.dtype
     offset: int  # byte offset of the first token
     num_tokens: int
+    identity: Optional[FileIdentity] = None  # the file as opened
+    signed: bool = False  # int32 .npy tokens: read as uint32, so they must be non-negative (TokenStream checks)
 
     def memmap(self) -> np.ndarray:
         return np.memmap(self.path, dtype=self.dtype, mode="r", offset=self.offset, shape=(self.num_tokens,))
@@ -166,74 +354,198 @@ def _read_llmc_header(path: str, head: bytes, size: int) -> Shard | None:
     return Shard(path, "llmc", dtype, HEADER_BYTES, count)
 
 
-def open_shard(path: str, token_dtype=np.uint16) -> Shard:
-    """Validate one shard file and describe where its tokens are. `token_dtype` applies to raw .bin only."""
+def _open_error(path: str, e: OSError) -> Exception:
+    if e.errno in (errno.EMFILE, errno.ENFILE):
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        held = ("with the native extension gpuload holds no descriptor per shard once it is mapped"
+                if native.available() else "without the native extension gpuload keeps one descriptor per shard "
+                "(install it with a C++ compiler present: pip install -e .)")
+        return OSError(e.errno, f"{path}: cannot open the shard: too many open files in this process (limit "
+                                f"{soft}, hard limit {hard}; {held}). Raise the limit with `ulimit -n {max(hard, 4096)}` "
+                                f"in the launching shell (or resource.setrlimit), or close files the process holds.")
+    return _not_a_file(path) or ShardError(
+        f"{path}: cannot read the shard ({e.strerror}). Check that the file exists and is readable.")
+
+
+def _open_file(path: str) -> tuple[int, os.stat_result]:
+    """A read-only descriptor of the regular file `path`, and its status as opened."""
     try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            head = f.read(HEADER_BYTES)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)  # O_NONBLOCK: opening a FIFO must not hang
     except OSError as e:
-        raise ShardError(f"{path}: cannot read the shard ({e.strerror}). Check that the file exists and is readable.") from e
+        raise _open_error(path, e) from e
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise _not_a_file(path) or ShardError(f"{path!r} is not a regular file; a shard must be one")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st
+
+
+def _describe_npy(path: str, fd: int, size: int) -> Shard:
+    head = io.BytesIO(os.pread(fd, min(size, 1 << 16), 0))
+    try:
+        version = np.lib.format.read_magic(head)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read_header(head)
+    except Exception as e:  # numpy raises several types for a bad header
+        raise ShardError(f"{path}: not a readable .npy file ({e}). {HINT}") from e
+    if len(shape) != 1:
+        raise ShardError(f"{path}: expected a 1-D token array, found shape {shape}. Flatten it with array.reshape(-1).")
+    if dtype.byteorder == ">":
+        raise ShardError(f"{path}: expected little-endian tokens, found big-endian {dtype}. Re-save it with "
+                         f"np.save(path, array.astype(array.dtype.newbyteorder('<'))).")
+    if dtype not in NPY_DTYPES:
+        raise ShardError(f"{path}: expected tokens of dtype uint16, uint32 or int32, found {dtype}. "
+                         f"Convert with array.astype(np.uint32).")
+    count, offset = shape[0], head.tell()
+    if count == 0:
+        raise ShardError(f"{path}: the array holds no tokens. Remove the file.")
+    if size < offset + count * dtype.itemsize:
+        raise ShardError(f"{path}: truncated .npy file: its header says {count} tokens of {dtype} "
+                         f"({offset + count * dtype.itemsize} bytes in all), the file has {size} bytes. Re-create it.")
+    signed = dtype == np.int32
+    return Shard(path, "npy", np.dtype(np.uint32) if signed else np.dtype(dtype), offset, count, signed=signed)
+
+
+def _unknown_llmc_header(path: str, head: bytes, size: int) -> Optional[ShardError]:
+    """An error for a .bin whose first 1 KiB reads as an llm.c header gpuload does not know (a date-like
+    magic, a small version, a token count that matches the file size), which a raw read would take as tokens."""
+    if len(head) < HEADER_BYTES:
+        return None
+    magic, version, count = (int(v) for v in np.frombuffer(head[:12], dtype="<i4"))
+    widths = [w for w in (2, 4) if count > 0 and size == HEADER_BYTES + count * w]
+    if not (20_000_000 <= magic < 21_000_000 and 0 < version < 1000 and widths):
+        return None
+    known = ", ".join(f"{m} (version {v}, {d})" for m, (v, d) in LLMC_FORMATS.items())
+    return ShardError(
+        f"{path}: the file starts like an llm.c shard header (magic {magic}, version {version}, {count} tokens of "
+        f"{widths[0]} bytes, matching its size), but that magic is not one gpuload knows: {known}. Read as raw "
+        f"tokens, the header would become tokens. Re-create the shard with a known header "
+        f"(gpuload.shards.write_shard) or strip the {HEADER_BYTES}-byte header to make it a raw shard.")
+
+
+def _describe(path: str, fd: int, st: os.stat_result, token_dtype) -> Shard:
+    """The shard in the open file `fd` (status `st`): its format, width and where its tokens are."""
+    size = st.st_size
     if size == 0:
         raise ShardError(f"{path}: the file is empty; expected token data. Remove it or re-create the shard.")
-
     if path.endswith(".npy"):
-        try:
-            array = np.load(path, mmap_mode="r", allow_pickle=False)
-        except Exception as e:  # numpy raises several types for a bad header
-            raise ShardError(f"{path}: not a readable .npy file ({e}). {HINT}") from e
-        if array.ndim != 1:
-            raise ShardError(f"{path}: expected a 1-D token array, found shape {array.shape}. Flatten it with array.reshape(-1).")
-        if array.dtype.byteorder == ">":
-            raise ShardError(f"{path}: expected little-endian tokens, found big-endian {array.dtype}. Re-save it with "
-                             f"np.save(path, array.astype(array.dtype.newbyteorder('<'))).")
-        if array.dtype not in NPY_DTYPES:
-            raise ShardError(
-                f"{path}: expected tokens of dtype uint16, uint32 or int32, found {array.dtype}. "
-                f"Convert with array.astype(np.uint32).")
-        if array.size == 0:
-            raise ShardError(f"{path}: the array holds no tokens. Remove the file.")
-        # Token ids are never negative, so int32 tokens read as uint32 keep their values (not checked: a scan
-        # of the whole file per open would cost seconds per GB).
-        dtype = np.dtype(np.uint32) if array.dtype == np.int32 else array.dtype
-        return Shard(path, "npy", dtype, int(array.offset), int(array.size))
+        shard = _describe_npy(path, fd, size)
+    else:
+        head = os.pread(fd, HEADER_BYTES, 0)
+        if head.startswith(b"\x93NUMPY"):
+            raise ShardError(f"{path}: this is a .npy file (it starts with numpy's magic \\x93NUMPY) named .bin; "
+                             f"read as raw tokens its header would become tokens. Rename it to .npy.")
+        shard = _read_llmc_header(path, head, size)
+        if shard is None:
+            unknown = _unknown_llmc_header(path, head, size)
+            if unknown is not None:
+                raise unknown
+            dtype = np.dtype(token_dtype)
+            if dtype not in (np.dtype(np.uint16), np.dtype(np.uint32)):
+                raise ValueError(f"token_dtype must be uint16 or uint32, got {dtype}")
+            if size % dtype.itemsize:
+                raise ShardError(
+                    f"{path}: a raw token file of {dtype} must have a size that is a multiple of {dtype.itemsize} "
+                    f"bytes, found {size} bytes. The file is truncated, or its tokens have another width "
+                    f"(pass token_dtype=).")
+            shard = Shard(path, "raw", dtype, 0, size // dtype.itemsize)
+    return Shard(shard.path, shard.format, shard.dtype, shard.offset, shard.num_tokens, FileIdentity.of(st),
+                 shard.signed)
 
-    shard = _read_llmc_header(path, head, size)
-    if shard is not None:
-        return shard
-    dtype = np.dtype(token_dtype)
-    if dtype not in (np.dtype(np.uint16), np.dtype(np.uint32)):
-        raise ValueError(f"token_dtype must be uint16 or uint32, got {dtype}")
-    if size % dtype.itemsize:
-        raise ShardError(
-            f"{path}: a raw token file of {dtype} must have a size that is a multiple of {dtype.itemsize} "
-            f"bytes, found {size} bytes. The file is truncated, or its tokens have another width "
-            f"(pass token_dtype=).")
-    return Shard(path, "raw", dtype, 0, size // dtype.itemsize)
+
+def open_shard(path: str, token_dtype=np.uint16) -> Shard:
+    """Validate one shard file and describe where its tokens are. `token_dtype` applies to raw .bin only."""
+    fd, st = _open_file(path)
+    try:
+        return _describe(path, fd, st, token_dtype)
+    finally:
+        os.close(fd)
+
+
+def _printable(path: str) -> str:
+    """`path` for messages: a name that is not valid UTF-8 keeps its bytes as escapes."""
+    return path.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _check_non_negative(shard: Shard, tokens: np.ndarray) -> None:
+    """int32 tokens are read as uint32: a negative id would become ~4.29e9 (one pass of min at open)."""
+    if int(tokens.min()) < 0:
+        first = int(np.argmax(tokens < 0))
+        raise ShardError(f"{shard.path}: token ids must be non-negative, found {int(tokens[first])} at token {first} "
+                         f"of this int32 .npy shard. Fix the tokens (ids are indexes into the vocabulary), or store "
+                         f"them as uint16/uint32.")
 
 
 class TokenStream:
-    """The shards concatenated in order, memory-mapped, addressed by a global token position."""
+    """The shards concatenated in order, memory-mapped, addressed by a global token position.
+
+    Each shard is opened once, here: its identity (device, inode, size, mtime) recorded, its header checked,
+    its file mapped. Every later read goes through those maps (or, without the native extension, through the
+    descriptors opened here), never by opening a name again: a shard replaced by rename or deleted keeps its
+    original content for the life of the stream, and a shard changed in place (truncated, grown, rewritten) is
+    reported as ShardChanged (README, "Faults"). With the native extension no descriptor stays open.
+    """
 
     def __init__(self, files, token_dtype=np.uint16):
         self.paths = resolve_paths(files)
-        self.shards = [open_shard(p, token_dtype) for p in self.paths]
+        self.shards: list[Shard] = []
+        self.arrays: list[np.ndarray] = []
+        self._maps: list[FileMap] = []
+        keep_files = not native.available()  # the pure-Python reads pread through the descriptors opened here
+        self._files: list[int] = []
+        try:
+            for path in self.paths:
+                self._open(path, token_dtype, keep_files)
+        except BaseException:
+            self.close()
+            raise
         widths: dict[np.dtype, list[Shard]] = {}
         for shard in self.shards:
             widths.setdefault(shard.dtype, []).append(shard)
         if len(widths) > 1:
+            self.close()
             found = "; ".join(f"{len(group)} of {dtype} (first: {group[0].path})" for dtype, group in widths.items())
             raw = any(s.format == "raw" for s in self.shards)
             raise ShardError(
                 f"shards mix token widths: {found}. Expected one width for the whole stream: re-create the shards "
                 f"with one tokenizer/format" + (", or pass token_dtype=np.uint32 for raw uint32 .bin files." if raw else "."))
         self.dtype = self.shards[0].dtype
-        self.arrays = [s.memmap() for s in self.shards]
         counts = np.array([s.num_tokens for s in self.shards], dtype=np.int64)
         # starts[i] = global position of shard i's first token; starts[-1] = total tokens.
         self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self.num_tokens = int(self.starts[-1])
-        self._files: dict[int, object] = {}  # shard index -> unbuffered file for read_into, opened on first use
+        self.closed = False
+        # The native reads (and the native backend's gathers, watched: csrc/watch.h) go through this table.
+        self.table = None
+        if native.available():
+            self.table = native.module().ShardTable(
+                self.arrays, [_printable(p) for p in self.paths], [os.fsencode(os.path.abspath(p)) for p in self.paths],
+                [(i.device, i.inode, i.size, i.mtime_ns) for i in (s.identity for s in self.shards)])
+
+    def _open(self, path: str, token_dtype, keep_file: bool) -> None:
+        fd, st = _open_file(path)
+        try:
+            shard = _describe(path, fd, st, token_dtype)
+            file_map = FileMap(fd, st.st_size, path)
+        except BaseException:
+            os.close(fd)
+            raise
+        if keep_file:
+            self._files.append(fd)
+        else:
+            os.close(fd)  # the map needs no descriptor
+        tokens = np.asarray(file_map)[shard.offset:shard.offset + shard.num_tokens * shard.dtype.itemsize]
+        tokens = tokens.view(shard.dtype)
+        self.shards.append(shard)
+        self._maps.append(file_map)
+        self.arrays.append(tokens)
+        if shard.signed:
+            _check_non_negative(shard, tokens.view(np.int32))
 
     def __len__(self) -> int:
         return self.num_tokens
@@ -259,71 +571,100 @@ class TokenStream:
         return out
 
     def read_into(self, out: np.ndarray, start: int) -> None:
-        """Tokens [start, start+len(out)) into `out` (1-D, stream dtype) by pread on the files, not the memmap.
+        """Tokens [start, start+len(out)) into `out` (1-D, stream dtype), then a check that no shard they came from
+        changed since the stream opened it (ShardChanged otherwise): what lands in `out` is the original content.
 
-        A shard truncated under a memmap turns the next read into SIGBUS, which kills the process; pread
-        returns a short count, reported here as OSError. The files are opened on first use and kept open
-        (until close()), so a shard deleted or replaced after that still reads its original content.
+        Native: a copy from the maps and the check, GIL released, a truncated shard's lost pages raising ShardFault
+        instead of the SIGBUS that would kill the process. Pure Python: pread on the descriptors opened at
+        construction, then one os.stat per shard read.
         """
         if not isinstance(out, np.ndarray) or out.ndim != 1 or out.dtype != self.dtype:
             found = f"{out.dtype} {out.shape}" if isinstance(out, np.ndarray) else type(out).__name__
             raise ValueError(f"read_into: expected a 1-D {self.dtype} array, found {found}")
         if not (out.flags.c_contiguous and out.flags.writeable):
             raise ValueError("read_into: `out` must be C-contiguous and writeable; pass np.empty(n, dtype=stream.dtype)")
+        if self.closed:
+            raise RuntimeError("read_into: the token stream is closed")
+        if self.table is not None:  # the copy, then the check of the shards it read, in C++
+            if start < 0 or start > self.num_tokens or out.size > self.num_tokens - start:
+                raise IndexError(f"tokens [{start}, {start + out.size}) outside the stream of {self.num_tokens}")
+            self.table.read(start, out.ctypes.data, out.size)
+            return
         view = memoryview(out).cast("B")
-        itemsize = self.dtype.itemsize
-        for shard, local, take, done in self._pieces(start, out.size):
-            info = self.shards[shard]
-            f = self._files.get(shard)
-            if f is None:
-                try:
-                    f = self._files.setdefault(shard, open(info.path, "rb", buffering=0))
-                except OSError as e:
-                    raise type(e)(e.errno, f"{info.path}: cannot open the shard ({e.strerror}); it was moved or "
-                                           f"deleted since the stream was opened. Restore it, or reopen the stream.") from e
-            first = info.offset + local * itemsize
-            want = take * itemsize
-            got = 0
-            while got < want:  # os.preadv fills `out` in place and releases the GIL; a read may come back short
-                try:
-                    n = os.preadv(f.fileno(), [view[done * itemsize + got:(done + take) * itemsize]], first + got)
-                except OSError as e:
-                    raise type(e)(e.errno, f"{info.path}: read failed at byte offset {first + got}: expected {want} "
-                                           f"bytes from offset {first}, got {got} ({e.strerror}). Check the disk "
-                                           f"(dmesg) and restore the shard, then restart from the last checkpoint.") from e
-                if n == 0:
-                    size = os.fstat(f.fileno()).st_size
-                    raise OSError(
-                        f"{info.path}: unexpected end of file at byte offset {first + got}: expected {want} bytes "
-                        f"from offset {first}, got {got}; the file now holds {size} bytes, the stream expects "
-                        f"{info.offset + info.num_tokens * itemsize}. The shard was truncated or changed while "
-                        f"training: restore it (or re-create it with the same content) and restart from the last "
-                        f"checkpoint.")
-                got += n
+        pieces = list(self._pieces(start, out.size))
+        for shard, local, take, done in pieces:
+            self._pread(shard, view, local, take, done)
+        for shard, _, _, _ in pieces:
+            self.check_unchanged(shard)
+
+    def _pread(self, shard: int, view: memoryview, local: int, take: int, done: int) -> None:
+        info, itemsize = self.shards[shard], self.dtype.itemsize
+        fd = self._files[shard]
+        first, want, got = info.offset + local * itemsize, take * itemsize, 0
+        while got < want:  # os.preadv fills `out` in place and releases the GIL; a read may come back short
+            try:
+                n = os.preadv(fd, [view[done * itemsize + got:(done + take) * itemsize]], first + got)
+            except OSError as e:
+                raise type(e)(e.errno, f"{info.path}: read failed at byte offset {first + got}: expected {want} "
+                                       f"bytes from offset {first}, got {got} ({e.strerror}). Check the disk "
+                                       f"(dmesg) and restore the shard, then restart from the last checkpoint.") from e
+            if n == 0:
+                size = os.fstat(fd).st_size
+                raise ShardChanged(
+                    f"{info.path}: unexpected end of file at byte offset {first + got}: expected {want} bytes "
+                    f"from offset {first}, got {got}; the file now holds {size} bytes, the stream expects "
+                    f"{info.offset + info.num_tokens * itemsize}. The shard was truncated or changed while "
+                    f"training: restore it (or re-create it with the same content) and restart from the last "
+                    f"checkpoint.")
+            got += n
+
+    def check_unchanged(self, shard: int) -> None:
+        """Raise ShardChanged if shard `shard`'s file changed since the stream opened it (one stat)."""
+        info = self.shards[shard]
+        change = info.identity.change(info.path)
+        if change:
+            raise ShardChanged(f"{info.path}: {change} after the loader opened it; gpuload reads a shard as it was "
+                               f"when the loader opened it, and this one no longer is.")
 
     def advise(self, start: int, count: int) -> None:
         """Tell the kernel that tokens [start, start+count) will be read soon (readahead); a hint, never fails."""
-        if not hasattr(os, "posix_fadvise"):
+        if self.closed:
             return
         itemsize = self.dtype.itemsize
         for shard, local, take, _ in self._pieces(start, count):
-            info = self.shards[shard]
-            try:
-                f = self._files.get(shard) or self._files.setdefault(shard, open(info.path, "rb", buffering=0))
-                os.posix_fadvise(f.fileno(), info.offset + local * itemsize, take * itemsize, os.POSIX_FADV_WILLNEED)
-            except OSError:
-                return  # the read that follows reports a missing or unreadable shard with its own message
+            self._maps[shard].advise_willneed(self.shards[shard].offset + local * itemsize, take * itemsize)
+
+    def check_int32_inputs(self) -> None:
+        """input_dtype=torch.int32: refuse ids >= 2**31, which x would wrap to negative values and y would not.
+
+        Free for uint16 tokens and int32 .npy (checked non-negative at open) and when a prepare manifest gives a
+        vocabulary below 2**31; otherwise one pass of max over the shards."""
+        if self.dtype == np.uint16 or all(s.signed for s in self.shards):
+            return
+        vocabulary = self.vocabulary()
+        if vocabulary is not None and vocabulary[1] <= 2**31:
+            return
+        for shard, tokens in zip(self.shards, self.arrays):
+            if not shard.signed and int(tokens.max()) >= 2**31:
+                first = int(np.argmax(tokens >= 2**31))
+                raise ValueError(f"{shard.path}: token {first} is {int(tokens[first])}, which input_dtype=torch.int32 "
+                                 f"cannot hold (x would wrap to a negative id while y keeps it). Pass "
+                                 f"input_dtype=torch.int64, or fix the shard: ids index a vocabulary below 2**31.")
 
     def close(self) -> None:
-        """Close the files read_into opened (the memmaps go when the stream is dropped)."""
-        files, self._files = self._files, {}
-        for f in files.values():
-            f.close()
+        """Close the descriptors kept for pure-Python reads and stop the native table's watch (the maps go when
+        the last array viewing them is dropped)."""
+        self.closed = True
+        self.table = None
+        files, self._files = self._files, []
+        for fd in files:
+            os.close(fd)
 
     def vocabulary(self) -> Optional[tuple[str, int, str]]:
         """(encoding name, vocabulary size, manifest path) from the `gpuload prepare` manifest beside the shards.
 
-        None when no shard directory holds a manifest (shards from elsewhere carry no vocabulary).
+        None when no shard directory holds a manifest (shards from elsewhere carry no vocabulary); a
+        malformed manifest is skipped with a warning (load_manifest), as if it were absent.
         """
         for directory in dict.fromkeys(os.path.dirname(os.path.abspath(p)) for p in self.paths):
             manifest = load_manifest(directory)
@@ -336,7 +677,8 @@ class TokenStream:
         h = hashlib.sha256()
         h.update(str(self.dtype).encode())
         for shard, array in zip(self.shards, self.arrays):
-            h.update(f"{os.path.basename(shard.path)}:{shard.num_tokens};".encode())
+            # The name's bytes as the OS has them (a name that is not UTF-8 still hashes; UTF-8 names as before).
+            h.update(os.fsencode(os.path.basename(shard.path)) + f":{shard.num_tokens};".encode())
             h.update(np.ascontiguousarray(array[:64]).tobytes())
             h.update(np.ascontiguousarray(array[-64:]).tobytes())
         return h.hexdigest()[:16]

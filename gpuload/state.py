@@ -47,6 +47,9 @@ def check_state(plan: "Plan", state: dict) -> tuple[int, int]:
     for key in ("step", "seed", "seq_len", "global_batch"):
         if type(state[key]) is not int:
             raise ValueError(f"gpuload loader state: {key} must be an integer, found {state[key]!r}")
+    if not 0 <= state["seed"] < 1 << 64:
+        raise ValueError(f"gpuload loader state: seed must be in [0, 2**64) (the batches hash its 64 bits), found "
+                         f"{state['seed']}; was it saved by state_dict()?")
     saved_sources = state["sources"]
     if (not isinstance(saved_sources, list) or not saved_sources
             or any(not isinstance(s, dict) or set(s) != set(SOURCE_STATE_KEYS) for s in saved_sources)):

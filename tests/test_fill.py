@@ -1,4 +1,4 @@
-"""Bulk fill (TokenStream.read_into, pread on the files) against NumPy, and shards changing under it."""
+"""Bulk fill (TokenStream.read_into: the native copy from the maps, or pread) against NumPy, and shards changing under it."""
 
 import os
 import signal
@@ -8,7 +8,8 @@ import sys
 import numpy as np
 import pytest
 
-from gpuload.shards import TokenStream, write_shard
+from gpuload import native
+from gpuload.shards import ShardChanged, TokenStream, write_shard
 
 
 
@@ -83,24 +84,50 @@ def test_read_into_checks_the_destination(tmp_path):
             stream.read_into(bad, 0)
 
 
-def test_shard_truncated_after_opening_is_an_error_not_a_crash(tmp_path):
+@pytest.fixture(params=["native", "python"])
+def read_path(request, monkeypatch):
+    """Both read paths of TokenStream.read_into: the native copy from the maps, and pread on kept descriptors."""
+    if request.param == "native" and not native.available():
+        pytest.skip("native extension not built")
+    if request.param == "python":
+        monkeypatch.setenv("GPULOAD_NO_NATIVE", "1")
+    return request.param
+
+
+def test_shard_truncated_after_opening_is_an_error_not_a_crash(tmp_path, read_path):
     stream, ref = make_stream(tmp_path, [10_000, 20_000, 10_000], np.uint16)
+    assert (stream.table is not None) == (read_path == "native")
     fill = filler(stream)
-    np.testing.assert_array_equal(fill(0, ref.size), ref)  # opens the files (the Python path opens on first use)
+    np.testing.assert_array_equal(fill(0, ref.size), ref)
     victim = stream.shards[1].path
     os.truncate(victim, 1024 + 2 * 5_000)  # keep the header and the first 5,000 tokens of shard 1
-    np.testing.assert_array_equal(fill(10_000, 5_000), ref[10_000:15_000])  # what is left still reads
-    for start, count in [(15_000, 10), (9_000, 30_000), (0, ref.size)]:
+    # Within what is left, beyond it, and across it: each read of shard 1 is refused, none returns zeros.
+    for start, count in [(10_000, 5_000), (15_000, 10), (9_000, 30_000), (0, ref.size)]:
         with pytest.raises(OSError) as info:
             fill(start, count)
         message = str(info.value)
-        assert victim in message and "truncated or changed while training" in message
-        assert "the file now holds 11024 bytes, the stream expects 41024" in message
+        assert victim in message, message
+        assert ("truncated from 41024 to 11024 bytes" in message or "SIGBUS" in message
+                or "the file now holds 11024 bytes, the stream expects 41024" in message), message
     np.testing.assert_array_equal(fill(30_000, 10_000), ref[30_000:])  # other shards are untouched
+    np.testing.assert_array_equal(fill(0, 10_000), ref[:10_000])
+
+
+def test_shard_rewritten_in_place_is_refused(tmp_path, read_path):
+    stream, ref = make_stream(tmp_path, [1_000, 2_000], np.uint16)
+    victim = stream.shards[1].path
+    with open(victim, "r+b") as f:  # same size, new tokens: what `cp new old` or an editor does
+        f.seek(1024 + 2 * 100)
+        f.write(b"\0\0" * 10)
+    os.utime(victim, ns=(stream.shards[1].identity.mtime_ns + 10**9,) * 2)  # a later write (not within one tick)
+    with pytest.raises(ShardChanged, match="shard_1.bin: modified"):
+        filler(stream)(900, 300)
+    np.testing.assert_array_equal(filler(stream)(0, 1_000), ref[:1_000])
 
 
 def test_memmap_read_of_a_truncated_shard_kills_the_process(tmp_path):
-    """Why fills use pread: the same read through the memmap is SIGBUS, not an exception."""
+    """Why fills never read the maps from Python: a read of a truncated shard's lost page is SIGBUS, which
+    kills the process; the native copy turns it into ShardFault, and the pure-Python path preads."""
     stream, _ = make_stream(tmp_path, [200_000], np.uint16)
     code = ("import os, sys\nfrom gpuload.shards import TokenStream\n"
             f"s = TokenStream({stream.paths!r})\nos.truncate(s.paths[0], 4096)\nprint(int(s.arrays[0][150_000]))")
@@ -108,18 +135,20 @@ def test_memmap_read_of_a_truncated_shard_kills_the_process(tmp_path):
     assert result.returncode == -signal.SIGBUS, result  # killed: no exception a loader could catch
 
 
-def test_shard_deleted_or_replaced_after_opening_still_reads(tmp_path):
+def test_shard_deleted_or_replaced_after_opening_still_reads(tmp_path, read_path):
+    """Read through the files opened at construction, never by name: before its first read too."""
     stream, ref = make_stream(tmp_path, [1_000, 2_000], np.uint32)
-    fill = filler(stream)
-    np.testing.assert_array_equal(fill(0, 10), ref[:10])  # opens (Python: the first shard only)
-    np.testing.assert_array_equal(fill(1_500, 10), ref[1_500:1_510])
     os.remove(stream.paths[0])
-    write_shard(stream.paths[1], np.zeros(2_000, np.uint32))  # a new file under the old name
-    np.testing.assert_array_equal(fill(0, ref.size), ref)  # the kept descriptors still see the old content
+    write_shard(stream.paths[1], np.zeros(2_000, np.uint32))  # a new file under the old name (os.replace)
+    fill = filler(stream)
+    np.testing.assert_array_equal(fill(0, ref.size), ref)
+    np.testing.assert_array_equal(fill(1_500, 10), ref[1_500:1_510])
 
 
-def test_read_into_names_a_shard_deleted_before_its_first_read(tmp_path):
-    stream, _ = make_stream(tmp_path, [1_000, 2_000], np.uint16)
-    os.remove(stream.paths[1])
-    with pytest.raises(FileNotFoundError, match="shard_1.bin: cannot open the shard"):
-        stream.read_into(np.empty(10, np.uint16), 1_500)
+def test_no_descriptor_stays_open_with_the_native_extension(tmp_path):
+    if not native.available():
+        pytest.skip("native extension not built")
+    before = len(os.listdir("/proc/self/fd"))
+    stream, ref = make_stream(tmp_path, [100] * 50, np.uint16)
+    assert len(os.listdir("/proc/self/fd")) == before
+    np.testing.assert_array_equal(filler(stream)(0, ref.size), ref)

@@ -1,6 +1,10 @@
 """gpuload inspect: counts, token range and delimiters match the shards; manifest and encoding are used when known."""
 
 import json
+import os
+import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -127,3 +131,34 @@ def test_bad_shard_and_missing_path(tmp_path):
         inspect([str(tmp_path / "cut.bin")])
     with pytest.raises(FileNotFoundError):
         inspect([str(tmp_path / "none")])
+
+
+@pytest.mark.parametrize("change, fault", [
+    ({"encoding_name": ["x"], "vocab_size": "big"}, "field 'encoding_name': expected a string, found an array"),
+    ({"encoding": ["bytes"]}, "field 'encoding': expected a string, found an array"),
+    ({"shards": [1, 2]}, r"field 'shards\[0\]': expected an object with a 'file' name, found a number"),
+    ({"tokens": "5"}, "field 'tokens': expected a whole number >= 0, found a string"),
+    ({"delimiter": {"token": "x", "placement": ["eos"]}}, "field 'delimiter.token': expected a token id"),
+])
+def test_malformed_manifest_is_noted_and_the_shards_still_listed(prepared, change, fault):
+    out, manifest = prepared
+    (out / "manifest.json").write_text(json.dumps({**manifest, **change}))
+    report = inspect_path(str(out))
+    assert not report["manifest"] and report["encoding"] is None and report["delimiter"] is None
+    assert len(report["shards"]) == len(manifest["shards"]) and report["totals"]["tokens"] == manifest["tokens"]
+    assert report["notes"][0].startswith(f"{out / 'manifest.json'}: malformed manifest: ")
+    assert re.search(fault, report["notes"][0]) and "are not used" in report["notes"][0]
+    assert "malformed manifest" in format_report(report)
+
+
+def test_inspect_command_reports_a_deeply_nested_manifest(prepared):
+    """json raises RecursionError on "[" * 100000; the command says the manifest is bad, not "internal error"."""
+    out, manifest = prepared
+    (out / "manifest.json").write_text("[" * 100_000 + "]" * 100_000)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    result = subprocess.run([sys.executable, "-m", "gpuload", "inspect", str(out)], env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0 and "internal error" not in result.stderr, result.stderr
+    assert f"note: {out / 'manifest.json'}: malformed manifest: not valid JSON (nested too deeply" in result.stdout
+    assert f"{len(manifest['shards'])} shards" in result.stdout

@@ -1,16 +1,19 @@
 """gpuload prepare: shards hold exactly tiktoken's tokens, for every input kind, worker count and failure."""
 
 import base64
+import errno
 import glob
 import importlib.util
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import threading
 import time
+import warnings
 
 import numpy as np
 import pyarrow as pa
@@ -758,3 +761,77 @@ def test_token_dtype_boundary(tmp_path, ranks, dtype):
     assert manifest["token_dtype"] == np.dtype(dtype).name and manifest["delimiter"]["token"] == ranks
     shard = open_shard(str(tmp_path / "out" / "train_000000.bin"))
     assert shard.dtype == dtype and int(shard.memmap()[-1]) == ranks
+
+
+def test_workers_are_capped_at_the_usable_cores(tmp_path, monkeypatch):
+    """--workers 1000 on 2 cores starts 2 workers, not one per task (247 on issue 14's input), and says so."""
+    used = []
+
+    def recording(tasks, encoder_args, workers, **kwargs):
+        used.append(workers)
+        return real_encode_tasks(tasks, encoder_args, 1, **kwargs)  # one process: the count is what is tested
+
+    real_encode_tasks = prep.encode_tasks
+    monkeypatch.setattr(prep, "usable_cores", lambda: 2)
+    monkeypatch.setattr(prep, "encode_tasks", recording)
+    paths, _ = write_inputs(tmp_path / "in", [f"document {i}" for i in range(200)], "jsonl")
+    with pytest.warns(UserWarning, match=r"--workers 1000 capped at the 2 usable cores"):
+        prepare(paths, tmp_path / "a", encoding="bytes", workers=1000, batch_bytes=100)  # ~50 tasks
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # as many workers as cores: nothing to say
+        prepare(paths, tmp_path / "b", encoding="bytes", workers=2, batch_bytes=100)
+    assert used == [2, 2]
+
+
+def test_cli_says_when_workers_are_capped(tmp_path, monkeypatch, capsys):
+    from gpuload.cli import main
+
+    monkeypatch.setattr(prep, "usable_cores", lambda: 2)
+    (tmp_path / "a.txt").write_text("some text")
+    assert main(["prepare", str(tmp_path / "a.txt"), "--out", str(tmp_path / "out"), "--encoding", "bytes",
+                 "--workers", "1000", "--quiet"]) == 0
+    assert capsys.readouterr().err == "gpuload: warning: --workers 1000 capped at the 2 usable cores\n"
+
+
+class _FullDisk(io.RawIOBase):
+    """A file on a full disk: every write fails with ENOSPC, so the buffered bytes fail again at close()."""
+
+    def writable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def seek(self, offset, whence=os.SEEK_SET):
+        return 0
+
+    def write(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+@pytest.mark.parametrize("full_at, named", [(prep.OWNER, "the staging directory"),
+                                            ("train_000000.bin.tmp", "train_000000.bin"),
+                                            ("manifest.json", "manifest.json")])
+def test_full_disk_leaves_no_staging_directory(tmp_path, monkeypatch, overwrite, full_at, named):
+    """Whichever write the disk fills at, the error names --out and the full disk, and --out is as it was."""
+    (tmp_path / "a.txt").write_text("some text")
+    out = tmp_path / "out"
+    if overwrite:
+        prepare([tmp_path / "a.txt"], out, encoding="bytes", workers=1)
+    before = {n: (out / n).read_bytes() for n in listing(out)} if overwrite else None
+
+    def full_open(path, mode="r", *args, **kwargs):
+        if os.path.basename(path) == full_at and prep.STAGING_PREFIX in os.fspath(path):
+            file = io.BufferedWriter(_FullDisk())
+            return file if "b" in mode else io.TextIOWrapper(file, encoding="utf-8")
+        return open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(prep, "open", full_open, raising=False)  # shadows the builtin in gpuload.prepare only
+    with pytest.raises(PrepareError, match=rf"^{re.escape(str(out))}: writing {named} failed \(No space left on device\); "
+                                           rf"free space or choose another --out"):
+        prepare([tmp_path / "a.txt"], out, encoding="bytes", workers=1, overwrite=overwrite)
+    if overwrite:
+        assert {n: (out / n).read_bytes() for n in listing(out)} == before  # no staging directory among them
+    else:
+        assert not out.exists()  # created by the run, so removed with it

@@ -4,9 +4,11 @@ import os
 
 import numpy as np
 import pytest
+import torch
 
 from gpuload import GPULoader
-from gpuload.shards import HEADER_BYTES, ShardError, TokenStream, natural_key, open_shard, resolve_paths, write_shard
+from gpuload.shards import (HEADER_BYTES, ShardError, TokenStream, load_manifest, natural_key, open_shard,
+                            resolve_paths, write_shard)
 
 from conftest import position_tokens
 
@@ -193,3 +195,43 @@ def test_glob_skips_files_that_are_not_shards(tmp_path):
     assert resolve_paths(str(tmp_path / "*")) == [str(tmp_path / "shard_0.bin")]
     with pytest.raises(FileNotFoundError, match="none ends in .bin or .npy"):
         resolve_paths(str(tmp_path / "*.pkl"))
+
+
+# Manifests beside the shards that do not hold what gpuload prepare writes, and the field each fault is in.
+MALFORMED_MANIFESTS = [
+    ('{"encoding_name": ["x"], "vocab_size": "big"}', "field 'encoding_name': expected a string, found an array"),
+    ('{"encoding_name": "gpt2", "vocab_size": 0}', "field 'vocab_size': expected a whole number >= 1, found a number"),
+    ("[" * 100_000 + "]" * 100_000, r"not valid JSON \(nested too deeply to parse\)"),  # json: RecursionError
+    ('{"encoding_name": "gpt2", ', r"not valid JSON \(Expecting property name"),
+    ("[1, 2]", r"expected a JSON object, found an array"),
+]
+
+
+@pytest.mark.parametrize("text, fault", MALFORMED_MANIFESTS)
+def test_malformed_manifest_is_ignored_with_a_warning(tmp_path, text, fault):
+    write_shard(tmp_path / "train_000000.bin", position_tokens(0, 1000, np.uint16))
+    (tmp_path / "manifest.json").write_text(text)
+    where = rf"{tmp_path / 'manifest.json'}: malformed manifest: {fault}"
+    with pytest.raises(ShardError, match=where + r".*Re-run gpuload prepare"):
+        load_manifest(str(tmp_path), strict=True)
+    with pytest.warns(UserWarning, match=where + r".*Ignored: the tokens come from the shards alone"):
+        assert TokenStream(str(tmp_path)).vocabulary() is None
+
+
+@pytest.mark.parametrize("text, fault", MALFORMED_MANIFESTS[:3])
+def test_loader_reads_shards_beside_a_malformed_manifest(tmp_path, text, fault):
+    """The tokens do not depend on the manifest: a mixture (which compares vocabularies) still loads."""
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        write_shard(tmp_path / name / "train_000000.bin", position_tokens(0, 1000, np.uint16))
+    (tmp_path / "a" / "manifest.json").write_text(text)
+    (tmp_path / "b" / "manifest.json").write_text('{"encoding_name": "gpt2", "vocab_size": 50257}')
+    with pytest.warns(UserWarning, match=rf"a/manifest.json: malformed manifest: {fault}"):
+        loader = GPULoader({"a": str(tmp_path / "a"), "b": str(tmp_path / "b")}, weights={"a": 1, "b": 1},
+                           batch_size=2, seq_len=8, sampling="sequential", device="cpu")
+    x, y = next(loader)
+    loader.close()
+    assert x.shape == (2, 8) and torch.equal(x[:, 1:], y[:, :-1])
+    single = GPULoader(str(tmp_path / "a"), batch_size=2, seq_len=8, sampling="sequential", device="cpu")
+    assert next(single)[0].shape == (2, 8)
+    single.close()
