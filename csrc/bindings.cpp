@@ -34,7 +34,7 @@ struct BoundTable {
   std::unique_ptr<gpuload::ShardWatch> watch;  // with identities: checks the files behind the gathers
 };
 
-using Identity = std::tuple<uint64_t, uint64_t, int64_t, int64_t>;  // (st_dev, st_ino, st_size, st_mtime_ns)
+using Identity = std::tuple<uint64_t, uint64_t, int64_t, int64_t, int>;  // (st_dev, st_ino, st_size, st_mtime_ns, fd)
 
 // One watched read of a loader step (step < 0: not a loader step, e.g. a tool's read: not watched).
 // Constructed and destroyed with the GIL released; the table's watch entered while it was held.
@@ -67,14 +67,14 @@ BoundTable make_table(const py::list& arrays, const std::vector<std::string>& na
                       const std::vector<std::string>& paths, const std::vector<Identity>& identities,
                       int64_t max_unverified, double watch_interval_s) {
   BoundTable t;
-  t.arrays = arrays;
+  t.arrays = py::list(py::tuple(arrays));  // its own list: the caller's may be cleared while the table lives
   t.names = names;
   if (!names.empty() && names.size() != arrays.size()) throw std::invalid_argument("ShardTable: one name per shard");
   if (!identities.empty()) {
     if (identities.size() != arrays.size() || paths.size() != arrays.size() || names.size() != arrays.size())
       throw std::invalid_argument("ShardTable: a watched table needs one name, path and identity per shard");
     std::vector<gpuload::FileIdentity> ids;
-    for (const auto& [device, inode, size, mtime_ns] : identities) ids.push_back({device, inode, size, mtime_ns});
+    for (const auto& [device, inode, size, mtime_ns, fd] : identities) ids.push_back({device, inode, size, mtime_ns, fd});
     t.watch = std::make_unique<gpuload::ShardWatch>(paths, names, ids, max_unverified, watch_interval_s);
   }
   t.table.start.push_back(0);
@@ -286,16 +286,25 @@ PYBIND11_MODULE(_native, m) {
                throw std::out_of_range("tokens [" + std::to_string(start) + ", +" + std::to_string(count) +
                                        ") outside the stream");
              py::gil_scoped_release release;
-             guarded_copy({&t, start, count, reinterpret_cast<void*>(out)});
-             if (!t.watch || count == 0) return;
-             // Checked after the copy: a change before it shows now, so what landed in `out` is the original.
-             const auto& first = t.table.start;
-             const size_t a = std::upper_bound(first.begin(), first.end(), start) - first.begin() - 1;
-             const size_t b = std::upper_bound(first.begin(), first.end(), start + count - 1) - first.begin();
-             const std::string change = t.watch->check_range(a, b);
-             if (!change.empty())
-               throw gpuload::ShardChanged(change + " after the loader opened it; gpuload reads a shard as it was "
-                                           "when the loader opened it, and this one no longer is.");
+             // Checked after the copy (a change before it shows now, so what landed in `out` is the original),
+             // and after a fault: a truncated shard's lost pages are a changed shard like any other.
+             const auto check = [&] {
+               if (!t.watch || count == 0) return;
+               const auto& first = t.table.start;
+               const size_t a = std::upper_bound(first.begin(), first.end(), start) - first.begin() - 1;
+               const size_t b = std::upper_bound(first.begin(), first.end(), start + count - 1) - first.begin();
+               const std::string change = t.watch->check_range(a, b);
+               if (!change.empty())
+                 throw gpuload::ShardChanged(change + " after the loader opened it; gpuload reads a shard as it was "
+                                             "when the loader opened it, and this one no longer is.");
+             };
+             try {
+               guarded_copy({&t, start, count, reinterpret_cast<void*>(out)});
+             } catch (const ShardFault&) {
+               check();
+               throw;
+             }
+             check();
            },
            py::arg("start"), py::arg("out"), py::arg("count"),
            "Tokens [start, start + count) of the stream from the maps into `out` (a data pointer to `count` "

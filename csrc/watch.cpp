@@ -25,6 +25,7 @@ struct ShardWatch::State {
   bool started = false, stop = false, pass_wanted = false;
   uint64_t reads = 0;     // reads completed
   uint64_t in_flight = 0;  // reads between before_read and after_read
+  int waiting = 0;         // readers waiting on wake_reader
   uint64_t verified = 0;  // the first `verified` reads saw unchanged shards (a clean pass began after them)
   std::vector<int64_t> steps;  // step of read r at r % steps.size(): the first unverified read is in it
   std::string change;          // non-empty once a pass found a change
@@ -33,12 +34,17 @@ struct ShardWatch::State {
 
 namespace {
 
-// "" when the file at `path` is still what was opened, or is no longer that file (renamed away or
-// deleted: the map holds the original pages, which nothing can change through that name); else how it changed.
+// "" when the shard is still what was opened; else how it changed. By descriptor: exact. By name: a name
+// that now holds another file (or none) counts as unchanged, since the map holds the original pages (a change
+// made to those pages before the rename goes unseen: README, "Faults").
 std::string compare(const std::string& path, const FileIdentity& id) {
   struct stat st;
-  if (stat(path.c_str(), &st) != 0) return "";
-  if (static_cast<uint64_t>(st.st_dev) != id.device || static_cast<uint64_t>(st.st_ino) != id.inode) return "";
+  if (id.fd >= 0) {
+    if (fstat(id.fd, &st) != 0) return "";
+  } else if (stat(path.c_str(), &st) != 0 || static_cast<uint64_t>(st.st_dev) != id.device ||
+             static_cast<uint64_t>(st.st_ino) != id.inode) {
+    return "";
+  }
   const int64_t mtime = static_cast<int64_t>(st.st_mtim.tv_sec) * 1000000000 + st.st_mtim.tv_nsec;
   std::string what;
   if (st.st_size != id.size)
@@ -56,7 +62,8 @@ ShardWatch::ShardWatch(std::vector<std::string> paths, std::vector<std::string> 
       max_unverified_(max_unverified), interval_s_(interval_s), state_(new State) {
   if (paths_.size() != identities_.size() || names_.size() != paths_.size())
     throw std::invalid_argument("ShardWatch: one path, name and identity per shard");
-  if (max_unverified_ < 1 || !(interval_s_ > 0)) throw std::invalid_argument("ShardWatch: need max_unverified >= 1 and interval_s > 0");
+  if (max_unverified_ < 1 || max_unverified_ > (int64_t{1} << 24) || !(interval_s_ > 0) || interval_s_ > 3600)
+    throw std::invalid_argument("ShardWatch: need 1 <= max_unverified <= 2**24 and 0 < interval_s <= 3600");
   state_->steps.assign(static_cast<size_t>(max_unverified_) + 1, 0);
 }
 
@@ -104,7 +111,8 @@ void ShardWatch::run(State* s) {
     const std::string change = check_now();
     // Timed passes take at most ~5% of a core (10,000 shards: ~10 ms a pass, one per 0.2 s); the reads'
     // bound still asks for a pass whenever max_unverified / 2 batches went by.
-    interval = std::max(std::chrono::duration<double>(interval_s_), 20 * (Clock::now() - began));
+    interval = std::max(std::chrono::duration<double>(interval_s_),
+                        std::chrono::duration<double>(20 * (Clock::now() - began)));
     lock.lock();
     if (!change.empty()) {
       s->change = change;
@@ -125,24 +133,26 @@ std::string ShardWatch::describe(const State& s, int64_t requested_step) const {
          "this one no longer is: " +
          (read_since ? "batches from step " + std::to_string(step) + " on may hold changed tokens"
                      : "no batch has read it since the change; step " + std::to_string(step) + " would have") +
-         ". Restore the shard and resume from a checkpoint at or before step " + std::to_string(step) +
-         " (or create a new loader to train on the new content).";
+         ". This loader stays stopped: restore the shard, then resume a new loader (a new run) from a checkpoint at "
+         "or before step " + std::to_string(step) + ", or create one on the new content.";
 }
 
 void ShardWatch::before_read(int64_t step) {
   State* s = state_;
   std::unique_lock<std::mutex> lock(s->mutex);
   if (!s->started) {
+    s->thread = std::thread([this, s] { run(s); });  // may throw (no thread to be had): then retried next read
     s->started = true;
-    s->thread = std::thread([this, s] { run(s); });
   }
   const auto bound = static_cast<uint64_t>(max_unverified_);
   if (s->change.empty() && s->reads + s->in_flight - s->verified >= bound) {
     s->pass_wanted = true;
     s->wake_watcher.notify_one();
+    ++s->waiting;
     s->wake_reader.wait(lock, [s, bound] {
       return s->stop || !s->change.empty() || s->reads + s->in_flight - s->verified < bound;
     });
+    --s->waiting;
   }
   if (!s->change.empty()) throw ShardChanged(describe(*s, step));
   ++s->in_flight;
@@ -152,6 +162,7 @@ void ShardWatch::after_read(int64_t step, bool completed) {
   State* s = state_;
   std::lock_guard<std::mutex> lock(s->mutex);
   --s->in_flight;
+  if (s->waiting > 0) s->wake_reader.notify_all();  // a reader may wait on in_flight alone
   if (!completed) return;
   s->steps[s->reads % s->steps.size()] = step;
   ++s->reads;

@@ -15,10 +15,13 @@
 
 namespace gpuload {
 
-// What identifies a shard file when it was opened (st_dev, st_ino) and what must not change (size, mtime).
+// What identifies a shard file when it was opened (st_dev, st_ino) and what must not change (size, mtime);
+// fd >= 0: a descriptor of the opened file (owned by the caller), compared with fstat, which follows the
+// opened inode even once another file is renamed over its name; fd < 0: compared by name.
 struct FileIdentity {
   uint64_t device = 0, inode = 0;
   int64_t size = 0, mtime_ns = 0;
+  int fd = -1;
 };
 
 // A shard changed after it was opened; what() names the file, the change and the first step it may affect.

@@ -69,6 +69,7 @@ class GPULoader:
                      "counts", "num_tokens", "backend", "doc_capacity"):
             setattr(self, name, getattr(plan, name))
         self._step = 0
+        self._resumed = False  # a state was loaded since the last iter(): loop=False's next pass goes on from it
         self._last_step = (1 << 63) // self.global_batch - 1  # the contract's domain (gpuload.sampling.check_domain)
 
     @property
@@ -92,6 +93,15 @@ class GPULoader:
         return self._plan.align_bos
 
     def __iter__(self):
+        """The loader itself. With loop=False each iter() starts a fresh pass at step 0, as a DataLoader's does (an
+        evaluation loader kept across evaluations evaluates every time), except the first iter() after
+        load_state_dict(), which goes on with the loaded pass. A looping loader goes on where it is."""
+        if not self.loop:
+            with self._lock:
+                if self._resumed:
+                    self._resumed = False
+                else:
+                    self._set_step(0)
         return self
 
     def __len__(self) -> int:
@@ -154,10 +164,14 @@ class GPULoader:
             if seed != self._plan.seed:
                 self._plan.seed = seed
                 self._producer.set_seed(seed)
-            self._step = step
-            set_step = getattr(self._producer, "set_step", None)
-            if set_step is not None:
-                set_step(step)
+            self._set_step(step)
+            self._resumed = True
+
+    def _set_step(self, step: int) -> None:
+        self._step = step
+        set_step = getattr(self._producer, "set_step", None)
+        if set_step is not None:
+            set_step(step)
 
     def pinned_bytes(self) -> int:
         """Host bytes this loader's rings keep page-locked now: with CUDA, 2 x 16 MiB of staging per filling

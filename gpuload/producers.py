@@ -116,10 +116,13 @@ class NativeProducer(Producer):
         self.check_not_capturing()
         plan, T = self.plan, self.plan.seq_len
         int32 = plan.input_dtype == torch.int32
+        tables = self.tables  # close() in another thread replaces the list: this step keeps its tables alive
+        if not tables:
+            raise RuntimeError("the loader was closed while next() ran; create a new GPULoader to go on")
         x, y = self._host_outputs()
         seed = plan.seed & MASK64
         if not plan.mixed:
-            source, table = plan.sources[0], self.tables[0]
+            source, table = plan.sources[0], tables[0]
             if source.doc_starts is None:
                 table.sample_and_gather(SAMPLING_IDS[plan.sampling], seed, step, plan.rank * plan.batch_size,
                                         plan.global_batch, T, self._starts, x.data_ptr(), int32, y.data_ptr(),
@@ -131,7 +134,7 @@ class NativeProducer(Producer):
         # The mixture in C++ too: gpuload.mixture.mixture_rows's rule, then per source the starts of its rows and
         # their gather straight into the batch rows they belong to.
         native.module().mixture_rows(seed, step, plan.counts, plan.rank * plan.batch_size, self._which, self._index)
-        for k, (source, table) in enumerate(zip(plan.sources, self.tables)):
+        for k, (source, table) in enumerate(zip(plan.sources, tables)):
             rows = np.flatnonzero(self._which == k)
             if rows.size == 0:
                 continue
@@ -144,6 +147,11 @@ class NativeProducer(Producer):
                 self._aligned_starts(source, step, index, starts)
                 table.gather_rows(starts, T, rows, x.data_ptr(), int32, y.data_ptr(), plan.batch_size, step)
         return self._to_device(x, y)
+
+    def close(self) -> None:
+        """Drop the shard tables: the last reference stops each one's watch thread (joined)."""
+        super().close()
+        self.tables = []
 
     def _aligned_starts(self, source: Source, step: int, rows: np.ndarray, out: np.ndarray) -> None:
         """align='bos' window starts of `source`'s rows `rows` at `step` into `out`, in C++ (csrc/sampling.h)."""

@@ -273,8 +273,8 @@ class _Filler:
                 if isinstance(self.error, ShardChanged):
                     raise ShardChanged(
                         f"{self.error} The ring stopped before loading the changed tokens, so no batch holds them; "
-                        f"{what} need them. Restore the shard and go on from this step (or resume from a "
-                        f"checkpoint at or before it), or create a new loader to train on the new content."
+                        f"{what} need them. This loader stays stopped: restore the shard, then go on from this "
+                        f"step with a new loader (load_state_dict), or create one on the new content."
                     ) from self.error
                 if self.error is not None:
                     raise self.error

@@ -134,14 +134,15 @@ class FileIdentity:
     def of(cls, st: os.stat_result) -> "FileIdentity":
         return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
-    def change(self, path: str) -> str:
-        """'' while the file at `path` is as opened, or is no longer this file (renamed away or deleted: the
-        loader's map holds the original pages); else how it changed. Same rule as csrc/watch.cpp."""
+    def change(self, path: str, fd: Optional[int] = None) -> str:
+        """'' while the shard is as opened; else how it changed. Same rule as csrc/watch.cpp: by the descriptor
+        `fd` of the opened file if there is one (exact), else by the absolute `path`, where a name that now holds
+        another file (or none) counts as unchanged, the loader's map holding the original pages."""
         try:
-            st = os.stat(path)
+            st = os.fstat(fd) if fd is not None else os.stat(path)
         except OSError:
             return ""
-        if (st.st_dev, st.st_ino) != (self.device, self.inode):
+        if fd is None and (st.st_dev, st.st_ino) != (self.device, self.inode):
             return ""
         what = []
         if st.st_size != self.size:
@@ -359,12 +360,13 @@ def _open_error(path: str, e: OSError) -> Exception:
         import resource
 
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        held = ("with the native extension gpuload holds no descriptor per shard once it is mapped"
-                if native.available() else "without the native extension gpuload keeps one descriptor per shard "
-                "(install it with a C++ compiler present: pip install -e .)")
+        held = (f"with the native extension gpuload keeps a descriptor per shard only for streams of at most "
+                f"{soft // 8} shards" if native.available() else "without the native extension gpuload keeps one "
+                "descriptor per shard (install it with a C++ compiler present: pip install -e .)")
+        raise_it = (f"Raise the limit with `ulimit -n {hard}` in the launching shell (or resource.setrlimit)"
+                    if hard > soft else "Ask for a higher hard limit (ulimit -Hn; /etc/security/limits.conf)")
         return OSError(e.errno, f"{path}: cannot open the shard: too many open files in this process (limit "
-                                f"{soft}, hard limit {hard}; {held}). Raise the limit with `ulimit -n {max(hard, 4096)}` "
-                                f"in the launching shell (or resource.setrlimit), or close files the process holds.")
+                                f"{soft}, hard limit {hard}; {held}). {raise_it}, or close files the process holds.")
     return _not_a_file(path) or ShardError(
         f"{path}: cannot read the shard ({e.strerror}). Check that the file exists and is readable.")
 
@@ -467,6 +469,13 @@ def open_shard(path: str, token_dtype=np.uint16) -> Shard:
         os.close(fd)
 
 
+def _descriptor_budget() -> int:
+    """Shards a stream may keep a descriptor for: an eighth of the soft RLIMIT_NOFILE (128 of the common 1024)."""
+    import resource
+
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 8
+
+
 def _printable(path: str) -> str:
     """`path` for messages: a name that is not valid UTF-8 keeps its bytes as escapes."""
     return path.encode("utf-8", "backslashreplace").decode("utf-8")
@@ -496,7 +505,9 @@ class TokenStream:
         self.shards: list[Shard] = []
         self.arrays: list[np.ndarray] = []
         self._maps: list[FileMap] = []
-        keep_files = not native.available()  # the pure-Python reads pread through the descriptors opened here
+        # Descriptors stay open for the pure-Python reads (pread), and for the checks when there are few shards
+        # (fstat follows the opened file exactly; by name, a file renamed over an edited shard hides the edit).
+        keep_files = not native.available() or len(self.paths) <= _descriptor_budget()
         self._files: list[int] = []
         try:
             for path in self.paths:
@@ -521,11 +532,13 @@ class TokenStream:
         self.num_tokens = int(self.starts[-1])
         self.closed = False
         # The native reads (and the native backend's gathers, watched: csrc/watch.h) go through this table.
+        self._abs_paths = [os.path.abspath(p) for p in self.paths]  # a chdir later changes nothing
         self.table = None
         if native.available():
+            fds = self._files or [-1] * len(self.shards)
             self.table = native.module().ShardTable(
-                self.arrays, [_printable(p) for p in self.paths], [os.fsencode(os.path.abspath(p)) for p in self.paths],
-                [(i.device, i.inode, i.size, i.mtime_ns) for i in (s.identity for s in self.shards)])
+                self.arrays, [_printable(p) for p in self.paths], [os.fsencode(p) for p in self._abs_paths],
+                [(i.device, i.inode, i.size, i.mtime_ns, fd) for i, fd in zip((s.identity for s in self.shards), fds)])
 
     def _open(self, path: str, token_dtype, keep_file: bool) -> None:
         fd, st = _open_file(path)
@@ -621,7 +634,7 @@ class TokenStream:
     def check_unchanged(self, shard: int) -> None:
         """Raise ShardChanged if shard `shard`'s file changed since the stream opened it (one stat)."""
         info = self.shards[shard]
-        change = info.identity.change(info.path)
+        change = info.identity.change(self._abs_paths[shard], self._files[shard] if self._files else None)
         if change:
             raise ShardChanged(f"{info.path}: {change} after the loader opened it; gpuload reads a shard as it was "
                                f"when the loader opened it, and this one no longer is.")

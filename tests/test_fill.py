@@ -145,10 +145,17 @@ def test_shard_deleted_or_replaced_after_opening_still_reads(tmp_path, read_path
     np.testing.assert_array_equal(fill(1_500, 10), ref[1_500:1_510])
 
 
-def test_no_descriptor_stays_open_with_the_native_extension(tmp_path):
+def test_descriptors_kept_only_for_few_shards_with_the_native_extension(tmp_path, monkeypatch):
     if not native.available():
         pytest.skip("native extension not built")
-    before = len(os.listdir("/proc/self/fd"))
-    stream, ref = make_stream(tmp_path, [100] * 50, np.uint16)
-    assert len(os.listdir("/proc/self/fd")) == before
-    np.testing.assert_array_equal(filler(stream)(0, ref.size), ref)
+    from gpuload import shards
+
+    monkeypatch.setattr(shards, "_descriptor_budget", lambda: 49)
+    for count, kept in [(49, 49), (50, 0)]:
+        (tmp_path / str(count)).mkdir()
+        before = len(os.listdir("/proc/self/fd"))
+        stream, ref = make_stream(tmp_path / str(count), [100] * count, np.uint16)
+        assert len(os.listdir("/proc/self/fd")) == before + kept
+        np.testing.assert_array_equal(filler(stream)(0, ref.size), ref)
+        stream.close()
+        assert len(os.listdir("/proc/self/fd")) == before

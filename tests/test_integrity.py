@@ -81,6 +81,20 @@ def test_ring_refuses_a_shard_changed_after_opening(make_shards, backend, change
     ld.close()
 
 
+@pytest.mark.parametrize("backend", RING_BACKENDS)
+def test_ring_fill_across_a_truncated_shards_lost_pages_is_a_changed_shard(make_shards, backend):
+    """A fill read past the new end of file meets unmapped pages (SIGBUS in the native copy): still ShardChanged,
+    with the ring's word that no batch holds the tokens, not a bare fault."""
+    paths = make_shards([600_000, 600_000])
+    ld = loader(paths, backend, ring_tokens=400_000)
+    next(ld)
+    os.truncate(paths[1], 1024 + 4 * 1000)
+    ld.load_state_dict({**ld.state_dict(), "step": 1_000_000 // T})
+    with pytest.raises(ShardChanged, match=r"shard_1.bin: truncated from 2401024 to 5024 bytes.*no batch holds them"):
+        next(ld)
+    ld.close()
+
+
 @pytest.mark.parametrize("backend", RING_BACKENDS + (["native"] if native.available() else []))
 @pytest.mark.parametrize("ring_tokens", [None, 4096])
 def test_shard_replaced_by_rename_before_its_first_read_keeps_its_content(make_shards, backend, ring_tokens):
@@ -179,6 +193,21 @@ def test_native_watch_check_compares_every_shard(make_shards):
     assert stream.table.check() == f"{paths[1]}: modified (its mtime changed)"
 
 
+@pytest.mark.parametrize("backend", RING_BACKENDS + (["native"] if native.available() else []))
+def test_a_shard_edited_in_place_then_replaced_is_still_caught(make_shards, backend):
+    """A few shards keep their descriptors, and the checks follow the opened file: `cp wrong.bin shard.bin`
+    (an edit of the mapped inode), then a fix renamed over the name, does not hide the edit."""
+    paths = make_old_shards(make_shards, 4)
+    ld = loader(paths, backend, ring_tokens=4096) if backend != "native" else loader(paths, backend)
+    rewrite_in_place(paths[2], 10, 7)
+    write_shard(paths[2], np.zeros(SHARD, np.uint32))  # the "fix", by rename: the loader's map keeps the edit
+    ld.load_state_dict({**ld.state_dict(), "step": 2 * SHARD // T})
+    with pytest.raises(ShardChanged, match="shard_2.bin: modified"):
+        for _ in range(ld.sources[0].stream.table.max_unverified + 2 if backend == "native" else 3):
+            next(ld)
+    ld.close()
+
+
 # --- Thousands of shards: no descriptor per shard.
 
 def run_python(code, env=None):
@@ -213,8 +242,8 @@ def test_ten_thousand_shards_under_a_1024_descriptor_limit(tmp_path):
     # Without the native extension the reads pread through one descriptor per shard: a clear error, not a bare EMFILE.
     result = run_python(code, env={"GPULOAD_NO_NATIVE": "1"})
     assert result.returncode != 0
-    assert "too many open files in this process (limit 1024" in result.stderr, result.stderr[-3000:]
-    assert "ulimit -n" in result.stderr and "train_" in result.stderr
+    assert "too many open files in this process (limit 1024, hard limit 1024" in result.stderr, result.stderr[-3000:]
+    assert "Ask for a higher hard limit (ulimit -Hn" in result.stderr and "train_" in result.stderr
 
 
 # --- Input that is not what it claims to be.

@@ -340,6 +340,27 @@ def test_one_pass_for_evaluation(make_shards, backend):
     assert len(list(ranks[0])) == 1
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_evaluation_pass_is_whole(make_shards, backend):
+    """A validation loader kept across evaluations: each iter() is a fresh pass, as a DataLoader's."""
+    ld = loader(make_shards([500, 301]), batch_size=3, seq_len=8, sampling="sequential", loop=False, backend=backend)
+    first = [x.cpu() for x, _ in ld]
+    assert len(first) == len(ld) == 33
+    with pytest.raises(StopIteration):  # past the end, next() keeps saying so
+        next(ld)
+    with pytest.raises(StopIteration):
+        next(ld)
+    for _ in range(2):
+        again = [x.cpu() for x, _ in ld]
+        assert len(again) == 33 and all(torch.equal(a, b) for a, b in zip(first, again))
+    partial = iter(ld)
+    next(partial), next(partial)
+    assert len(list(ld)) == 33  # a new iter() starts over, also from the middle of a pass
+    ld.load_state_dict({**ld.state_dict(), "step": 30})
+    assert len(list(ld)) == 3  # the first iter() after a resume goes on with the loaded pass
+    assert len(list(ld)) == 33
+
+
 def test_one_pass_needs_sequential_and_has_no_length_when_looping(make_shards):
     paths = make_shards([1000])
     with pytest.raises(ValueError, match="loop=False .* needs sampling='sequential'"):
