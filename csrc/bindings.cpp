@@ -228,7 +228,8 @@ PYBIND11_MODULE(_native, m) {
   m.def("aligned_starts",
         [](int mode, uint64_t seed, uint64_t step, Int64Array rows, int64_t global_batch, Int64Array doc_starts,
            std::optional<Int64Array> table, uint64_t pass0, int64_t pos0, uint64_t num_visited, Int64Array out) {
-          if (mode != 0 && mode != 1) throw std::invalid_argument("align='bos' needs mode 0 (random) or 1 (shuffle)");
+          if (mode < 0 || mode > 2) throw std::invalid_argument("mode must be 0 (random), 1 (shuffle) or 2 (sequential)");
+          if (mode == 2 && table) throw std::invalid_argument("sequential rows over a table have no chunked rule");
           const int64_t count = rows.size(), num_starts = doc_starts.size();
           if (out.size() != count || num_starts < 1 || global_batch < 1)
             throw std::invalid_argument("need len(out) == len(rows), a non-empty doc_starts and global_batch >= 1");

@@ -116,6 +116,7 @@ struct AlignedTable {
 inline uint64_t aligned_start_index(Sampling mode, uint64_t seed, uint64_t step, uint64_t row, uint64_t global_batch,
                                     uint64_t num_starts, const AlignedTable& t = AlignedTable()) {
   const uint64_t w = step * global_batch + row;
+  if (mode == Sampling::kSequential) return w % num_starts;  // a table of the epoch's row starts, in order
   const uint64_t h = mix64(mix64(mix64(seed ^ kSaltAlignedRandom) + step) + row);
   if (t.data == nullptr) {
     if (mode == Sampling::kRandom) return (h >> 1) % num_starts;

@@ -12,7 +12,10 @@ document shorter than T simply continues into the next one: the window is the T 
     random:  o = U[(h >> 1) mod D]                       uniform over the D usable starts
     shuffle: e = w // D,  o = U[perm(seed, e)(w mod D)]  every usable start exactly once per epoch
 (arithmetic modulo 2**64, `>>` logical, perm = sampling.feistel_permute, as in gpuload/sampling.py).
-Sequential sampling already reads the stream in order and has no aligned form.
+    sequential: o = S[w mod R]                           the rows of an epoch in stream order
+where S are the sequential row starts (`sequential_row_starts`, modded-nanogpt's align_to_bos rule): row 0
+starts at U[0], row r+1 at the first usable start at or after S[r] + T (where row r's inputs end), R rows
+an epoch. Sequential rows need the whole stream in the ring (or the native backend, which reads the maps).
 
 With a ring smaller than the stream (`AlignedChunking`), chunk j of the ring's `sampling.Chunking` owns
 the usable starts in [j*C, (j+1)*C) (the last chunk: to the end of the stream), D_j of them from index
@@ -50,7 +53,7 @@ from gpuload.sampling import (SALT_CHUNKS, Chunking, check_domain, feistel_half_
                               mix64_int, to_signed)
 
 SALT_ALIGNED_RANDOM = 0x452821E638D01377  # more digits of pi, unlike every other salt: fixed forever
-ALIGNED_MODES = ("random", "shuffle")
+ALIGNED_MODES = ("random", "shuffle", "sequential")
 
 # 16M tokens per chunk: a 16 MiB bool mask at a time, whatever the stream's length.
 DEFAULT_CHUNK_TOKENS = 1 << 24
@@ -329,12 +332,33 @@ def _chunked_aligned_starts(sampling: str, seed: int, step: int, rows: torch.Ten
     return starts[index], visits
 
 
+def sequential_row_starts(usable_starts: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """The rows of one epoch of align='bos' with sampling='sequential' (module docstring), on the starts' device.
+
+    Row r+1 starts at the first usable start at or after row r's start + T. The chain is followed by pointer
+    doubling: `jump` maps a start's index to the index 2**j rows on, so each round doubles the rows known, in
+    O(D) vectorized work a round and log2(R) rounds (one host sync each), built once."""
+    count = usable_starts.numel()
+    if count == 0:
+        raise ValueError("sequential_row_starts: no usable document starts")
+    device = usable_starts.device
+    # next[i]: the index of the row after a row at U[i]; `count` (past the end) maps to itself.
+    jump = torch.cat([torch.searchsorted(usable_starts, usable_starts + seq_len),
+                      torch.tensor([count], device=device)])
+    rows = torch.zeros(1, dtype=torch.int64, device=device)
+    while int(rows[-1]) < count:
+        rows = torch.cat([rows, jump[rows]])
+        jump = jump[jump]
+    return usable_starts[rows[rows < count]]
+
+
 def aligned_window_starts_and_visits(sampling: str, seed: int, step: int, rows: torch.Tensor, global_batch: int,
                                      starts: torch.Tensor, num_tokens: int,
                                      chunks: Optional[AlignedChunking] = None
                                      ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """(window starts, ring visits or None) for align='bos': `starts` are the usable document starts
-    (int64, sorted); `chunks` selects the rule for a ring smaller than the stream.
+    (int64, sorted; for sequential, the epoch's row starts); `chunks` selects the rule for a ring smaller
+    than the stream.
 
     `rows` and `starts` must be on the same device; the results (int64) are there too. Shuffle's cycle
     walk synchronizes with the host once per walk, as `sampling.feistel_permute` does.
@@ -344,9 +368,12 @@ def aligned_window_starts_and_visits(sampling: str, seed: int, step: int, rows: 
         raise ValueError(f"aligned_window_starts: starts must be a non-empty 1-D int64 tensor of usable document "
                          f"starts (usable_document_starts), found {tuple(starts.shape)} {starts.dtype}")
     if sampling not in ALIGNED_MODES:
-        raise ValueError(f"align='bos' works with sampling in {ALIGNED_MODES}, found {sampling!r}; sequential "
-                         f"sampling reads the stream in order, so use align=None with it")
+        raise ValueError(f"align='bos' works with sampling in {ALIGNED_MODES}, found {sampling!r}")
     rows = rows.to(torch.int64)
+    if sampling == "sequential":  # `starts` are the epoch's row starts (sequential_row_starts, or llm.c's order)
+        if chunks is not None:
+            raise ValueError("aligned_window_starts: sequential rows follow the whole stream; they have no chunked rule")
+        return starts[(rows + step * global_batch) % starts.numel()], None
     if chunks is not None:
         if chunks.chunking.global_batch != global_batch or chunks.num_starts != starts.numel():
             raise ValueError(f"aligned_window_starts: the AlignedChunking was built for global batch "

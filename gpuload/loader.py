@@ -108,7 +108,7 @@ class GPULoader:
         """Batches in one pass with loop=False: whole global batches of the epoch (a final partial one is dropped)."""
         if self.loop:
             raise TypeError("a looping GPULoader is infinite; pass loop=False for one pass with a length")
-        return (self.num_tokens - 1) // self.seq_len // self.global_batch
+        return self._plan.epoch_windows(self.sources[0]) // self.global_batch
 
     def __next__(self):
         """(x, y), or (x, y, doc) with doc_info=True (gpuload.documents.DocInfo, computed on the batch's device).

@@ -14,13 +14,14 @@ import torch
 from gpuload import native
 from gpuload.cuda import resolve_device
 from gpuload.documents import (AlignedChunking, aligned_window_starts_and_visits, document_starts, max_segments_per_row,
-                               usable_document_starts)
+                               sequential_row_starts, usable_document_starts)
 from gpuload.mixture import mixture_counts, mixture_rows
 from gpuload.ring import NUM_SLOTS, PLACEMENTS, Ring, RingLayout, default_ring_bytes, plan_ring, smallest_chunked_ring
-from gpuload.sampling import MAX_TOKENS, SAMPLING_MODES, check_domain, window_starts_and_visits
+from gpuload.sampling import MAX_TOKENS, SAMPLING_MODES, check_domain, llmc_row_starts, window_starts_and_visits
 from gpuload.shards import TokenStream
 
 BACKENDS = ("auto", "torch", "native", "triton")
+LOADER_SAMPLINGS = SAMPLING_MODES + ("llmc",)  # "llmc": llm.c's order (gpuload/sampling.py)
 MAX_BATCH_TOKENS = 1 << 31  # batch_size * seq_len stays below: doc_info's cu_seqlens are int32
 
 
@@ -166,14 +167,15 @@ class Plan:
         if not 0 <= seed < 1 << 64:
             raise ValueError(f"seed must be in [0, 2**64) (the batches hash its 64 bits, so a seed outside would "
                              f"alias one inside), got {seed}; pass seed % 2**64 if that is the one you mean")
-        if sampling not in SAMPLING_MODES:
-            raise ValueError(f"sampling must be one of {SAMPLING_MODES}, got {sampling!r}")
+        if sampling not in LOADER_SAMPLINGS:
+            raise ValueError(f"sampling must be one of {LOADER_SAMPLINGS}, got {sampling!r}")
         if input_dtype not in (torch.int64, torch.int32):
             raise ValueError(f"input_dtype must be torch.int64 or torch.int32, got {input_dtype}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        if not loop and sampling != "sequential":
-            raise ValueError(f"loop=False (one pass, for evaluation) needs sampling='sequential', got {sampling!r}")
+        if not loop and sampling not in ("sequential", "llmc"):
+            raise ValueError(f"loop=False (one pass, for evaluation) needs sampling='sequential' (or 'llmc'), got "
+                             f"{sampling!r}")
         if bos_token is not None:
             bos_token = _as_int("bos_token", bos_token)
         if doc_info is None or doc_info is False or doc_info == 0:
@@ -193,8 +195,9 @@ class Plan:
             raise ValueError("doc_info=True and align='bos' need bos_token=ID: documents are delimited by that token")
         if align not in (None, "bos"):
             raise ValueError(f"align must be None or 'bos', got {align!r}")
-        if align and sampling == "sequential":
-            raise ValueError("align='bos' works with sampling='random' or 'shuffle'; sequential reads the stream in order")
+        if align and sampling == "llmc":
+            raise ValueError("sampling='llmc' reads llm.c's fixed windows, which do not follow documents; use align='bos' "
+                             "with sampling='random', 'shuffle' or 'sequential'")
         if placement not in PLACEMENTS:
             raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
         if ring_tokens is not None:
@@ -214,6 +217,8 @@ class Plan:
         self.local_ranks = local_world_size()  # the ranks sharing this node's default ring budget
 
         self.batch_size, self.seq_len, self.sampling, self.seed = batch_size, seq_len, sampling, seed
+        # The rule the kernels and rings follow: llm.c's order is the sequential rule over its row starts.
+        self.rule = "sequential" if sampling == "llmc" else sampling
         self.rank, self.world_size = rank, world_size
         self.global_batch = world_size * batch_size
         self.input_dtype = input_dtype
@@ -238,6 +243,8 @@ class Plan:
             if align:
                 for source in self.sources:
                     self._index_documents(source)
+            if sampling == "llmc":
+                self._llmc_rows()
             if doc_info is True:
                 self.doc_capacity = doc_capacity if doc_capacity is not None else self._doc_capacity_bound()
         except BaseException:
@@ -359,10 +366,34 @@ class Plan:
             if self.doc_info is True:
                 source.all_doc_starts = starts  # for the doc info capacity, then dropped
             source.doc_starts = usable_document_starts(starts, source.num_tokens, self.seq_len)
-            if source.chunking is not None:
+            if self.rule == "sequential":
+                self._check_whole_ring(source, "sampling='sequential' with align='bos'")
+                source.doc_starts = sequential_row_starts(source.doc_starts, self.seq_len)
+            elif source.chunking is not None:
                 source.aligned = AlignedChunking(source.chunking, source.doc_starts, NUM_SLOTS)
         except ValueError as e:
             raise ValueError(f"align='bos' in {source.where()}: {e}") from None
+
+    def _llmc_rows(self) -> None:
+        """sampling='llmc': the epoch's row starts in llm.c's order (gpuload/sampling.py), on the gather's device."""
+        if self.mixed:
+            raise ValueError("sampling='llmc' reproduces llm.c's loader, which reads one dataset; a mixture samples "
+                             "its sources by weight: use sampling='sequential' with weights=, or one source")
+        source = self.sources[0]
+        self._check_whole_ring(source, "sampling='llmc'")
+        shards = source.stream.shards
+        starts = llmc_row_starts([shard.num_tokens for shard in shards], self.seq_len, self.global_batch,
+                                 [shard.path for shard in shards])
+        source.doc_starts = starts.to(self.device if self.backend == "triton" else torch.device("cpu"))
+
+    def _check_whole_ring(self, source: Source, what: str) -> None:
+        """Rows read from a table of row starts need the whole stream in the ring (the native backend has none)."""
+        if source.chunking is not None and self.backend != "native":
+            raise ValueError(
+                f"{what} reads rows from a table of row starts, which needs the whole stream in the ring; the ring "
+                f"of {source.where()} holds {source.layout.ring_tokens} of its {source.num_tokens} tokens. Pass "
+                f"ring_tokens={source.num_tokens} (if the memory is there), or backend='native' (it reads the shards' "
+                f"memory maps in place)")
 
     def _doc_capacity_bound(self) -> int:
         """B times the most segments a row can hold in any source: no batch of this data overflows it.
@@ -401,9 +432,9 @@ class Plan:
     def source_starts(self, source: Source, step: int, index: torch.Tensor):
         """(window starts, ring visits or None) of rows `index` of `source` at `step`."""
         if source.doc_starts is not None:
-            return aligned_window_starts_and_visits(self.sampling, self.seed, step, index.to(source.doc_starts.device),
+            return aligned_window_starts_and_visits(self.rule, self.seed, step, index.to(source.doc_starts.device),
                                                     source.rows, source.doc_starts, source.num_tokens, source.aligned)
-        return window_starts_and_visits(self.sampling, self.seed, step, index, source.rows, source.num_tokens,
+        return window_starts_and_visits(self.rule, self.seed, step, index, source.rows, source.num_tokens,
                                         self.seq_len, source.chunking)
 
     def window_starts(self, step: int) -> torch.Tensor:
@@ -415,6 +446,12 @@ class Plan:
             if bool(mine.any()):
                 starts[mine] = self.source_starts(source, step, index[mine])[0].cpu()
         return starts
+
+    def epoch_windows(self, source: Source) -> int:
+        """Rows of one epoch of `source`: its table of row starts (sequential rows, llm.c's order), else its windows."""
+        if self.rule == "sequential" and source.doc_starts is not None:
+            return source.doc_starts.numel()
+        return (source.num_tokens - 1) // self.seq_len
 
     @property
     def align_bos(self) -> Optional[int]:

@@ -33,7 +33,7 @@ from gpuload.sampling import MASK64, SAMPLING_IDS
 def _open_rings(plan: Plan) -> list[Ring]:
     rings = []
     for source in plan.sources:
-        source.ring = Ring(source.stream, source.layout, plan.sampling, plan.seed, plan.device, plan.placement,
+        source.ring = Ring(source.stream, source.layout, plan.rule, plan.seed, plan.device, plan.placement,
                            aligned=source.aligned)
         rings.append(source.ring)
     return rings
@@ -124,7 +124,7 @@ class NativeProducer(Producer):
         if not plan.mixed:
             source, table = plan.sources[0], tables[0]
             if source.doc_starts is None:
-                table.sample_and_gather(SAMPLING_IDS[plan.sampling], seed, step, plan.rank * plan.batch_size,
+                table.sample_and_gather(SAMPLING_IDS[plan.rule], seed, step, plan.rank * plan.batch_size,
                                         plan.global_batch, T, self._starts, x.data_ptr(), int32, y.data_ptr(),
                                         source.windows_per_chunk)
             else:
@@ -140,7 +140,7 @@ class NativeProducer(Producer):
                 continue
             index, starts = self._index[rows], self._starts[:rows.size]
             if source.doc_starts is None:
-                table.sample_rows_and_gather(SAMPLING_IDS[plan.sampling], seed, step, index, source.rows,
+                table.sample_rows_and_gather(SAMPLING_IDS[plan.rule], seed, step, index, source.rows,
                                              T, rows, starts, x.data_ptr(), int32, y.data_ptr(), plan.batch_size,
                                              source.windows_per_chunk)
             else:
@@ -160,7 +160,7 @@ class NativeProducer(Producer):
         if source.aligned is not None:  # a chunked ring: the pass table the Triton kernel reads too
             pass0, pos0, table = source.aligned.step_table(plan.seed, step)
             table, visited = table.numpy(), source.aligned.num_visited
-        native.module().aligned_starts(SAMPLING_IDS[plan.sampling], plan.seed & MASK64, step, rows, source.rows,
+        native.module().aligned_starts(SAMPLING_IDS[plan.rule], plan.seed & MASK64, step, rows, source.rows,
                                        source.doc_starts.numpy(), table, pass0, pos0, visited, out)
 
 
@@ -220,7 +220,7 @@ class TritonProducer(Producer):
             last = k == len(plan.sources) - 1
             step = 0 if self.counter is None or last else self.counter[:1]
             self.gathers.append(PreparedGather(
-                ring.tokens, plan.sampling, plan.seed, step, plan.rank * plan.batch_size, plan.batch_size,
+                ring.tokens, plan.rule, plan.seed, step, plan.rank * plan.batch_size, plan.batch_size,
                 source.rows, source.num_tokens, plan.seq_len, x, y, plan.input_dtype, chunking=layout.chunking,
                 num_slots=layout.num_slots, slot_tokens=layout.slot_tokens, device=plan.device,
                 mixture=(plan.counts, k) if plan.mixed else None, doc_starts=source.doc_starts,

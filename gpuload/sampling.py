@@ -30,6 +30,13 @@ from the chunk of its visit only, so what is resident at a step is a function of
                 o = j*C + (h >> 1) mod (len_j - T)     uniform over the starts inside chunk j
 With K = 1 each rule reduces to the whole-stream one; the loader uses the chunked rule only when the
 ring is smaller than the stream (gpuload/ring.py).
+
+llm.c's order (the loader's sampling="llmc", `llmc_row_starts`): shard by shard, shard k of n_k tokens
+serving S_k = (n_k - 1) // (G*T) steps, then the next shard, then shard 0 again; step i of shard k reads
+rows o = first_k + (i*G + g)*T. So each shard's last (n_k - 1) mod (G*T) tokens are dropped and no window
+crosses two shards, as llm.c's DataLoader (llmc/dataloader.h, no shuffle) and its train_gpt2.py read.
+The loader holds the epoch's row starts (8 bytes per T tokens) and row w = step*G + g reads S[w mod R],
+the sequential rule over a table (gpuload/documents.py's aligned sequential rows use the same).
 """
 
 from __future__ import annotations
@@ -223,6 +230,24 @@ def _chunked_starts(sampling: str, seed: int, step: int, rows: torch.Tensor, c: 
     full = feistel_permute(within, visit, seed, Wc)
     last = feistel_permute(within.clamp(max=c.last_windows - 1), visit, seed, c.last_windows)
     return (chunk * Wc + torch.where(chunk == K - 1, last, full)) * T, visit
+
+
+def llmc_row_starts(shard_tokens, seq_len: int, global_batch: int, names=None) -> torch.Tensor:
+    """The row starts of one epoch of llm.c's order (module docstring) over shards of `shard_tokens` tokens.
+
+    Raises ValueError naming the first shard (`names[k]`, else its index) smaller than one global batch plus a
+    token, which llm.c refuses too (its DataLoader asserts ntok >= G*T + 1 for every shard)."""
+    per_step = global_batch * seq_len
+    pieces, first = [], 0
+    for k, count in enumerate(shard_tokens):
+        steps = (count - 1) // per_step
+        if steps == 0:
+            raise ValueError(f"{names[k] if names is not None else f'shard {k}'}: holds {count} tokens; llm.c's order "
+                             f"needs every shard to hold one global batch and a token, G*T + 1 = {per_step + 1}. "
+                             f"Lower batch_size * seq_len * world_size, or merge the shard into another")
+        pieces.append(first + torch.arange(steps * global_batch, dtype=torch.int64) * seq_len)
+        first += count
+    return torch.cat(pieces)
 
 
 def window_starts(sampling: str, seed: int, step: int, rows: torch.Tensor, global_batch: int,

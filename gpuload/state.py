@@ -87,7 +87,7 @@ def check_state(plan: "Plan", state: dict) -> tuple[int, int]:
                              f"{saved['num_tokens']} tokens, {source.where()} holds {source.num_tokens}, or "
                              f"other shards; pass the same shards in the same order")
         # Sequential batches do not depend on the ring's chunks.
-        if plan.sampling != "sequential" and saved["windows_per_chunk"] != source.windows_per_chunk:
+        if plan.rule != "sequential" and saved["windows_per_chunk"] != source.windows_per_chunk:
             raise ValueError(f"cannot load loader state: the ring chunking{label} differs (windows_per_chunk "
                              f"saved {saved['windows_per_chunk']}, this loader {source.windows_per_chunk}; 0 = "
                              f"whole stream): construct the loader with the saved ring_tokens: with a ring smaller "

@@ -42,7 +42,7 @@ def test_every_variant_compiles_without_problems(compiled, arch):
     assert all(v["problems"] == [] for v in variants)
     gathers = [v["constexprs"] for v in variants if v["kernel"] == "_gather_batch_kernel"]
     structures = {(c["SAMPLING"], c["CHUNKED"], c["MIXED"], c["ALIGNED"]) for c in gathers}
-    assert len(structures) == 20  # 3 modes x whole/chunked x mixture; align='bos' for random and shuffle
+    assert len(structures) == 22  # 3 modes x whole/chunked x mixture; align='bos' (sequential: whole-stream only)
     assert {c["BLOCK"] for c in gathers} == {16, 32, 64, 128, 256, 512, 1024, 2048}
     assert {c["num_warps"] for c in gathers} == {1, 2, 4, 8}
     assert {(c["STEP_FROM_PTR"], c["ADVANCE_STEP"], c["WRITE_STARTS"]) for c in gathers} >= {

@@ -251,10 +251,15 @@ def test_aligned_starts_do_not_depend_on_world_size():
             assert torch.equal(aligned_window_starts(mode, 4, 5, rows, 8, usable, 10**6), whole[rows])
 
 
-def test_aligned_rejects_sequential_and_bad_starts():
+def test_aligned_rejects_bad_modes_and_starts():
     starts = torch.tensor([0, 5])
-    with pytest.raises(ValueError, match="sequential sampling reads the stream in order"):
-        aligned_window_starts("sequential", 0, 0, torch.arange(2), 2, starts, 100)
+    with pytest.raises(ValueError, match="works with sampling in"):
+        aligned_window_starts("llmc", 0, 0, torch.arange(2), 2, starts, 100)
+    _, usable, _, chunks = chunked_fixture(global_batch=6, windows_per_chunk=15)
+    with pytest.raises(ValueError, match="sequential rows follow the whole stream"):
+        aligned_window_starts("sequential", 0, 0, torch.arange(2), 6, usable, chunks.chunking.num_tokens, chunks)
+    # Sequential rows index their table in order, epoch after epoch.
+    assert aligned_window_starts("sequential", 9, 1, torch.arange(2), 2, starts, 100).tolist() == [0, 5]
     with pytest.raises(ValueError, match="non-empty 1-D int64"):
         aligned_window_starts("random", 0, 0, torch.arange(2), 2, torch.zeros(0, dtype=torch.int64), 100)
     with pytest.raises(ValueError, match="step must be"):
@@ -401,8 +406,10 @@ def test_native_aligned_starts_check_their_arguments():
     mod, starts, out = native.module(), usable.numpy(), np.empty(2, dtype=np.int64)
     rows = np.arange(2, dtype=np.int64)
     table = chunks.pass_table(0, 0).numpy()
-    with pytest.raises(ValueError, match="mode 0"):
-        mod.aligned_starts(2, 0, 0, rows, 6, starts, None, 0, 0, 0, out)
+    with pytest.raises(ValueError, match="mode must be 0"):
+        mod.aligned_starts(3, 0, 0, rows, 6, starts, None, 0, 0, 0, out)
+    with pytest.raises(ValueError, match="sequential rows over a table have no chunked rule"):
+        mod.aligned_starts(2, 0, 0, rows, 6, starts, table, 0, 0, chunks.num_visited, out)
     with pytest.raises(IndexError, match="row 7 outside the global batch"):
         mod.aligned_starts(0, 0, 0, np.array([0, 7], dtype=np.int64), 6, starts, None, 0, 0, 0, out)
     with pytest.raises(ValueError, match="does not cover this step"):

@@ -467,8 +467,8 @@ def test_aligned_resume_and_errors(tmp_path, make_shards):
         loader(paths, batch_size=2, seq_len=32, sampling="shuffle").load_state_dict(state)
     with pytest.raises(ValueError, match="need bos_token"):
         loader(paths, batch_size=2, seq_len=32, align="bos")
-    with pytest.raises(ValueError, match="sequential reads the stream in order"):
-        loader(paths, batch_size=2, seq_len=32, sampling="sequential", bos_token=7, align="bos")
+    with pytest.raises(ValueError, match="sampling='llmc' reads llm.c's fixed windows"):
+        loader(paths, batch_size=2, seq_len=32, sampling="llmc", bos_token=7, align="bos")
     # Position tokens hold a single 7 in 20,000: fewer usable starts than a global batch on a chunked ring.
     with pytest.raises(ValueError, match=r"align='bos' in .*shard_0.bin: .* needs at least one global batch of usable "
                                          r"document starts, found 1"):

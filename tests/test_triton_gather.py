@@ -477,7 +477,9 @@ def test_aligned_arguments_are_checked():
     starts = usable.to(DEVICE)
     common = dict(seed=0, step=0, row0=0, batch=2, global_batch=6, num_tokens=chunking.num_tokens, seq_len=8)
     cases = [
-        (dict(tokens=tokens, sampling="sequential", doc_starts=starts), "works with sampling in"),
+        (dict(tokens=tokens, sampling="llmc", doc_starts=starts), "unknown sampling"),
+        (dict(tokens=ring, sampling="sequential", doc_starts=starts, aligned_chunks=chunks, chunking=chunking,
+              num_slots=4, slot_tokens=chunks.span_tokens), "need the whole stream in the ring"),
         (dict(tokens=tokens, sampling="random", doc_starts=starts.to(torch.int32)), "non-empty contiguous 1-D int64"),
         (dict(tokens=tokens, sampling="random", doc_starts=starts[:0]), "non-empty contiguous 1-D int64"),
         (dict(tokens=tokens, sampling="random", doc_starts=starts, aligned_chunks=chunks), "pass chunking= too"),

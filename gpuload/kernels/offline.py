@@ -165,7 +165,8 @@ _TOKEN_DTYPES = {"u16": torch.uint16, "u32": torch.uint32}
 _X_DTYPES = {"i64": torch.int64, "i32": torch.int32}
 _STRUCTURES = [(sampling, chunked, mixed, aligned)
                for sampling in ("random", "shuffle", "sequential") for chunked in (False, True)
-               for mixed in (False, True) for aligned in (False, True) if not (aligned and sampling == "sequential")]
+               for mixed in (False, True) for aligned in (False, True)
+               if not (aligned and chunked and sampling == "sequential")]  # sequential rows: whole-stream rings
 
 
 def _stream(token_dtype: torch.dtype, num_tokens: int) -> torch.Tensor:
@@ -181,7 +182,7 @@ def gather_case(sampling: str, token: str = "u16", x: str = "i64", B: int = 32, 
                 mixed: bool = False, aligned: bool = False, step_tensor: bool = False, starts: bool = False,
                 counter: bool = False):
     """One gather_batch_triton call as the loader makes it (mixture: source 1 of two, a quarter of the rows)."""
-    from gpuload.documents import AlignedChunking, document_starts, usable_document_starts
+    from gpuload.documents import AlignedChunking, document_starts, sequential_row_starts, usable_document_starts
     from gpuload.kernels.triton_gather import gather_batch_triton
     from gpuload.ring import NUM_SLOTS, plan_ring, smallest_chunked_ring
 
@@ -202,6 +203,8 @@ def gather_case(sampling: str, token: str = "u16", x: str = "i64", B: int = 32, 
         tokens = stream
     if aligned:
         doc_starts = usable_document_starts(document_starts(stream, BOS), num_tokens, T)
+        if sampling == "sequential":  # the epoch's row starts (align='bos' sequential; llm.c's order is alike)
+            doc_starts = sequential_row_starts(doc_starts, T)
         kwargs["doc_starts"] = doc_starts
         if chunked:
             kwargs["aligned_chunks"] = AlignedChunking(layout.chunking, doc_starts, NUM_SLOTS)

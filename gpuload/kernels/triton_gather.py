@@ -150,7 +150,7 @@ def _window_start(seed, step, row, global_batch, num_tokens, num_windows, seq_le
 def _aligned_start(seed, step, row, global_batch, num_starts, half, doc_starts_ptr, table_ptr, table_len, pass0,
                    pos0, num_visited, SAMPLING: tl.constexpr, CHUNKED: tl.constexpr):
     """(window start, ring visit) of global row `row` at `step` for align='bos' (gpuload/documents.py): an index
-    into the usable document starts, then one load. CHUNKED: the step's pass table (AlignedChunking.pass_table)
+    into the usable document starts (sequential: into the epoch's row starts), then one load. CHUNKED: the step's pass table (AlignedChunking.pass_table)
     places the row in its visit, scanning from the visit of the step's first row (at most 3 entries)."""
     w = step * global_batch + row
     visit = tl.zeros((), tl.uint64)
@@ -175,6 +175,8 @@ def _aligned_start(seed, step, row, global_batch, num_starts, half, doc_starts_p
         if SAMPLING == 0:
             h = _mix64(_mix64(_mix64(seed ^ _SALT_ALIGNED_RANDOM) + step) + row)
             index = (h >> 1) % num_starts
+        elif SAMPLING == 2:  # a table of the epoch's row starts, in order (sequential rows, llm.c's order)
+            index = w % num_starts
         else:
             epoch = w // num_starts
             index = _feistel_permute(w - epoch * num_starts, epoch, _mix64(seed ^ _SALT_SHUFFLE), num_starts, half)
@@ -415,6 +417,9 @@ def _aligned_args(doc_starts, aligned_chunks, sampling, seed, step, step_tensor,
         if aligned_chunks is not None:
             raise ValueError("gather_batch_triton: aligned_chunks is for a chunked ring; pass chunking= too")
         return doc_starts, None, 0, 0, 0
+    if sampling == "sequential":
+        raise ValueError("gather_batch_triton: sequential rows over a table of row starts need the whole stream in "
+                         "the ring (no chunking)")
     if aligned_chunks is None or aligned_chunks.chunking != chunking or aligned_chunks.num_starts != doc_starts.numel():
         raise ValueError("gather_batch_triton: align='bos' on a chunked ring needs aligned_chunks=, the "
                          "documents.AlignedChunking of these doc_starts and this chunking")
