@@ -147,12 +147,17 @@ def _inspect(args) -> int:
 
 
 def _bench(args) -> int:
+    if args.audit:
+        from gpuload.bench.audit import run_audit
+
+        return run_audit(cache_dir=args.cache_dir, device=args.device, providers=_flatten(args.providers),
+                         json_path=args.json, argv=args.argv)["status"]
     from gpuload.bench.runner import run_bench
 
     run_bench(data=args.data, cache_dir=args.cache_dir, batch_sizes=_flatten(args.batch_size),
               seq_lens=_flatten(args.seq_len), steps=args.steps, device=args.device,
               providers=_flatten(args.providers), quick=args.quick, json_path=args.json, plot_path=args.plot,
-              argv=args.argv)
+              argv=args.argv, rounds=args.rounds)
     return 0
 
 
@@ -170,11 +175,14 @@ def build_parser() -> argparse.ArgumentParser:
     commands.required = True
 
     p = commands.add_parser(
-        "bench", help="time gpuload against nanoGPT's get_batch, a torch DataLoader and nanochat's loader",
-        description="Time every loader on the same shards and batch shapes and print one table: median and "
-                    "p10-p90 microseconds per batch, tokens/s, host CPU time per batch, speedup vs nanoGPT's "
-                    "get_batch. Without --data, a synthetic demo dataset (400 MB of llm.c shards) is written "
-                    "to the cache directory on first use and reused afterwards.")
+        "bench", help="time gpuload against nanoGPT's get_batch, a torch DataLoader, nanochat's loader and the "
+                      "peer libraries (litdata, mosaicml-streaming, torchdata, Grain, HF datasets)",
+        description="Time every loader on the same shards and batch shapes and print one table: how it reads, "
+                    "its conversion seconds, median and p10-p90 microseconds per batch, tokens/s, host CPU time "
+                    "per batch, time to the first batch, peak RSS/PSS, speedup vs nanoGPT's get_batch. Without "
+                    "--data, a synthetic demo dataset (400 MB of llm.c shards) is written to the cache directory "
+                    "on first use and reused afterwards. --audit checks resume, determinism and elastic resume "
+                    "instead.")
     p.add_argument("--data", metavar="GLOB", help="your shards: a file, directory or quoted glob (default: the demo dataset)")
     p.add_argument("--cache-dir", metavar="DIR",
                    help="where the demo dataset is kept (default: $XDG_CACHE_HOME/gpuload, else ~/.cache/gpuload)")
@@ -184,13 +192,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sequence lengths; every batch size runs with every length (default: 1024; --quick: 256)")
     p.add_argument("--steps", type=positive, default=None, metavar="N",
                    help="timed batches per loader and shape (default: 200; --quick: 20)")
+    p.add_argument("--rounds", type=positive, default=None, metavar="N",
+                   help="interleaved rounds the timed batches are split into (default: 10; --quick: 2)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     p.add_argument("--providers", type=name_list, action="append", metavar="NAME[,NAME...]",
-                   help="run only these loaders: nanogpt, torch-dataloader, nanochat-seq, gpuload-cuda-triton-ring, "
-                        "gpuload-cuda-triton-zerocopy, gpuload-cpu-native, gpuload-cpu-torch (default: all that can "
-                        "run here)")
+                   help="run only these loaders: nanogpt, torch-dataloader, torchdata, litdata, mosaic-streaming, "
+                        "grain, hf-datasets, nanochat-seq, gpuload-cuda-triton-ring, gpuload-cuda-triton-zerocopy, "
+                        "gpuload-cpu-native, gpuload-cpu-torch (default: all that can run here; with --quick, "
+                        "without the peers)")
     p.add_argument("--quick", action="store_true",
                    help="small demo dataset, small shapes, few steps: seconds, for a smoke test")
+    p.add_argument("--audit", action="store_true",
+                   help="instead of timing: exact resume mid-epoch, determinism and elastic resume (2 -> 4 ranks) "
+                        "of each loader, on the small demo dataset; a yes/no table with the reason for each no")
     p.add_argument("--json", metavar="PATH", help="write every number (and every batch time) to this JSON file")
     p.add_argument("--plot", metavar="PATH", help="write a PNG chart of tokens/s per loader and shape (needs matplotlib)")
     p.set_defaults(handler=_bench)

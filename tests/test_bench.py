@@ -8,13 +8,14 @@ import pytest
 import torch
 
 from gpuload.bench.dataset import MARKER, default_cache_dir, demo_dataset
-from gpuload.bench.providers import PROVIDER_NAMES, Provider, make_provider, unavailable
+from gpuload.bench.providers import PEER_NAMES, PROVIDER_NAMES, Provider, make_provider, unavailable
 from gpuload.bench.runner import measure
 from gpuload.cli import main
 from gpuload.shards import TokenStream, open_shard
 
 CPU = torch.device("cpu")
-CPU_PROVIDERS = [name for name in PROVIDER_NAMES if not unavailable(name, CPU)]
+# The hand-copied loaders and gpuload's backends that run here; the peers are tested in test_bench_peers.py.
+CPU_PROVIDERS = [name for name in PROVIDER_NAMES if name not in PEER_NAMES and not unavailable(name, CPU)]
 
 
 def test_bench_quick_end_to_end(tmp_path, capsys):
@@ -33,11 +34,17 @@ def test_bench_quick_end_to_end(tmp_path, capsys):
     assert [(r["provider"], r["batch_size"], r["seq_len"]) for r in result["rows"]] == \
            [(name, b, t) for b, t in shapes for name in CPU_PROVIDERS]
     assert {s["provider"] for s in result["skipped"]} == set(PROVIDER_NAMES) - set(CPU_PROVIDERS)
+    assert {s["provider"] for s in result["skipped"] if "off with --quick" in s["reason"]} == set(PEER_NAMES)
+    assert result["settings"]["rounds"] == 2
     for r in result["rows"]:
         assert 0 < r["p10_us"] <= r["median_us"] <= r["p90_us"]
         assert r["tokens_per_s"] > 0 and r["host_cpu_us"] > 0 and r["speedup_vs_nanogpt"] > 0
         assert len(r["batch_us"]) == r["steps"] == result["settings"]["steps"]
         assert r["provider"] != "nanogpt" or r["speedup_vs_nanogpt"] == 1.0
+        assert r["conversion_s"] is None and 0 < r["first_batch_s"] < 60 and r["rounds"] == 2
+        assert r["peak_rss_mib"] is not None and r["peak_pss_mib"] is not None  # Linux: /proc is there
+    workers = {r["provider"]: r["helper_processes"] for r in result["rows"]}
+    assert workers["torch-dataloader"] >= 1 and workers["nanogpt"] == 0
     assert result["machine"]["cores"] >= 1 and result["dataset"]["num_tokens"] > 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
@@ -121,12 +128,14 @@ def test_arguments_reach_run_bench(monkeypatch):
     calls = []
     monkeypatch.setattr(runner, "run_bench", lambda **kwargs: calls.append(kwargs))
     assert main(["bench", "--batch-size", "4,8", "--batch-size", "8,16", "--seq-len", "64", "--steps", "7",
-                 "--providers", "nanogpt", "--providers", "gpuload-cpu-torch,nanogpt", "--device", "cpu"]) == 0
+                 "--providers", "nanogpt", "--providers", "gpuload-cpu-torch,nanogpt", "--device", "cpu",
+                 "--rounds", "3"]) == 0
     assert main(["bench"]) == 0
     got = calls[0]
-    assert got["batch_sizes"] == [4, 8, 16] and got["seq_lens"] == [64] and got["steps"] == 7
+    assert got["batch_sizes"] == [4, 8, 16] and got["seq_lens"] == [64] and got["steps"] == 7 and got["rounds"] == 3
     assert got["providers"] == ["nanogpt", "gpuload-cpu-torch"] and got["device"] == "cpu"
     assert calls[1]["batch_sizes"] is None and calls[1]["providers"] is None and not calls[1]["quick"]
+    assert calls[1]["rounds"] is None
 
 
 @pytest.mark.parametrize("args, message", [
@@ -182,6 +191,37 @@ def test_a_provider_that_breaks_the_contract_is_caught(make_shards, monkeypatch)
             x = torch.arange(8, dtype=torch.int64).view(2, 4)
             return x, x.clone()
 
-    monkeypatch.setattr(runner, "make_provider", lambda *args: Unshifted())
+    monkeypatch.setattr(runner, "make_provider", lambda *args, **kwargs: Unshifted())
     with pytest.raises(RuntimeError, match="unshifted: y is not x shifted by one token"):
         measure("unshifted", [], 2, 4, steps=2, warmup=0, device=CPU, label="test")
+
+
+def test_rounds_interleave_the_providers(make_shards, monkeypatch):
+    """Each round times every provider in turn: the calls alternate, a block of steps // rounds each."""
+    import gpuload.bench.runner as runner
+
+    calls = []
+
+    class Counting(Provider):
+        def __init__(self, name):
+            self.name = name
+
+        def __call__(self):
+            calls.append(self.name)
+            x = torch.arange(9, dtype=torch.int64).repeat(2, 1)
+            return x[:, :-1].contiguous(), x[:, 1:].contiguous()
+
+    monkeypatch.setattr(runner, "make_provider", lambda name, *args, **kwargs: Counting(name))
+    rows = runner.measure_group(["a", "b"], [], 2, 8, steps=6, warmup=1, device=CPU, label="test", rounds=3)
+    timed = calls[4:]  # after each one's first batch and warm-up batch
+    assert calls[:4] == ["a", "b", "a", "b"]
+    assert timed == ["a", "a", "b", "b"] * 3
+    assert [r["steps"] for r in rows] == [6, 6] and all(len(r["batch_us"]) == 6 for r in rows)
+
+
+def test_steps_fewer_than_rounds_is_a_user_error(make_shards):
+    from gpuload.bench import BenchError
+    from gpuload.bench.runner import measure_group
+
+    with pytest.raises(BenchError, match="at least one step per round"):
+        measure_group(["nanogpt"], [], 2, 8, steps=2, warmup=0, device=CPU, label="test", rounds=3)

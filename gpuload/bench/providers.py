@@ -3,12 +3,16 @@
 A provider is built from the shards (gpuload.shards.Shard: path, token offset, count, dtype), a batch
 shape and a device; calling it returns (x, y), both (B, T) int64 on the device, y = x shifted by one
 token along the stream. All providers deliver the same kind of batch, so the table compares like with
-like; only nanochat-seq reads the stream in order (that is its design), the others read random windows.
+like; nanochat-seq reads the stream in order (that is its design), the peers that store fixed blocks
+read those blocks shuffled (`sampling` says which), the others read random windows.
+
+The libraries people install instead (litdata, mosaicml-streaming, torchdata, Grain, HF datasets) are in
+peers.py; `gpuload bench --audit` (audit.py) checks resume, determinism and elastic resume through
+state_dict / load_state_dict and the rank and world_size a provider is built for.
 """
 
 from __future__ import annotations
 
-import os
 from abc import ABC, abstractmethod
 from typing import Optional
 
@@ -18,11 +22,19 @@ import torch
 from gpuload import native
 from gpuload.machine import usable_cores
 
-# Listed in table order: the loaders in use today, then gpuload's backends from the fastest expected.
-PROVIDER_NAMES = ("nanogpt", "torch-dataloader", "nanochat-seq", "gpuload-cuda-triton-ring",
-                  "gpuload-cuda-triton-zerocopy", "gpuload-cpu-native", "gpuload-cpu-torch")
+# The libraries people install instead of a hand-written loader (peers.py), in table order.
+PEER_NAMES = ("torchdata", "litdata", "mosaic-streaming", "grain", "hf-datasets")
+# Listed in table order: the loaders in use today (hand copies, then the peer libraries), then gpuload's
+# backends from the fastest expected.
+PROVIDER_NAMES = ("nanogpt", "torch-dataloader") + PEER_NAMES + (
+    "nanochat-seq", "gpuload-cuda-triton-ring", "gpuload-cuda-triton-zerocopy", "gpuload-cpu-native",
+    "gpuload-cpu-torch")
 BASELINE = "nanogpt"
 DATALOADER_WORKERS = 4  # a typical choice, and few enough that a small machine keeps a core for the main process
+
+
+class NoState(NotImplementedError):
+    """A provider that cannot save or restore its position; the message says why."""
 
 
 def nanogpt_get_batch(path: str, batch_size: int, block_size: int, device: torch.device = torch.device("cpu"),
@@ -46,18 +58,36 @@ def nanogpt_get_batch(path: str, batch_size: int, block_size: int, device: torch
 
 
 class Provider(ABC):
-    """A loader under test: call it for (x, y); close() releases what it holds."""
+    """A loader under test: call it for (x, y); close() releases what it holds.
+
+    Built with (shards, batch_size, seq_len, device) and the keywords seed, rank, world_size (batch_size
+    rows per rank) and cache_dir (where a peer keeps its converted copy of the shards).
+    """
 
     name = ""
-    sampling = "random"
+    sampling = "random"  # "random" windows, "shuffled blocks" (fixed blocks, shuffled), or "sequential"
+    conversion = None  # peers: the run of their own converter (peers.Converted), done once per dataset
+    # Why state_dict() cannot save this loader's position, or None when it can.
+    no_state: Optional[str] = "a hand copy of a training script's loader: it saves no position"
+    # True for loaders whose ranks must run at once, each in its own process (they meet in shared memory).
+    ranks_in_processes = False
 
     @abstractmethod
     def __call__(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The next batch (x, y)."""
 
-    def helper_cpu_seconds(self) -> float:
-        """CPU seconds used so far by helper processes (DataLoader workers), which process_time misses."""
-        return 0.0
+    def state_dict(self):
+        """The loader's position, as its library saves it (picklable)."""
+        raise NoState(self.no_state)
+
+    def load_state_dict(self, state) -> None:
+        """Continue from a state_dict() saved by a loader built with the same arguments (world size aside)."""
+        raise NoState(self.no_state)
+
+    @classmethod
+    def rank_env(cls, rank: int, world_size: int) -> dict:
+        """Environment variables the loader of rank `rank` reads its rank from (set while it is built and runs)."""
+        return {}
 
     def close(self) -> None:
         pass
@@ -67,8 +97,11 @@ class NanoGPT(Provider):
     """nanoGPT's get_batch. nanoGPT reads one train.bin: the first shard stands in for it."""
 
     name = "nanogpt"
+    no_state = "get_batch draws from torch's global RNG, which train.py seeds once and never saves"
 
-    def __init__(self, shards, batch_size: int, seq_len: int, device: torch.device):
+    def __init__(self, shards, batch_size: int, seq_len: int, device: torch.device, seed: int = 0, rank: int = 0,
+                 **options):
+        torch.manual_seed(1337 + seed + rank)  # train.py: torch.manual_seed(1337 + seed_offset), offset = rank
         shard = shards[0]
         self.args = (shard.path, batch_size, seq_len, device, shard.dtype, shard.offset)
 
@@ -97,39 +130,27 @@ class RandomWindows(torch.utils.data.Dataset):
         return window[:-1], window[1:]
 
 
-def _process_cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a live process, from /proc (Linux); 0 when it is gone or /proc is absent."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime: fields 14 and 15
-
-
 class TorchDataLoader(Provider):
     """RandomWindows through torch.utils.data.DataLoader: worker processes, pinned batches on CUDA."""
 
     name = "torch-dataloader"
+    no_state = "torch's DataLoader has no state_dict: a restart begins the sampler again"
 
-    def __init__(self, shards, batch_size: int, seq_len: int, device: torch.device):
+    def __init__(self, shards, batch_size: int, seq_len: int, device: torch.device, seed: int = 0, **options):
         dataset = RandomWindows(shards, seq_len)
         sampler = torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=1 << 40,
-                                                 generator=torch.Generator().manual_seed(0))
+                                                 generator=torch.Generator().manual_seed(seed))
         self.workers = min(DATALOADER_WORKERS, usable_cores())
         self.device = device
-        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
-                                             num_workers=self.workers, pin_memory=device.type == "cuda")
-        self.iterator = iter(loader)
+        self.loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
+                                                  num_workers=self.workers, pin_memory=device.type == "cuda")
+        self.iterator = iter(self.loader)
 
     def __call__(self):
         x, y = next(self.iterator)
         if self.device.type == "cuda":
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         return x, y
-
-    def helper_cpu_seconds(self) -> float:
-        return sum(_process_cpu_seconds(w.pid) for w in getattr(self.iterator, "_workers", ()))
 
     def close(self) -> None:
         # DataLoader has no public close; left to the garbage collector, idle workers could outlive this
@@ -151,8 +172,9 @@ class NanochatSeq(Provider):
 
     name = "nanochat-seq"
     sampling = "sequential"
+    no_state = "the loader copied here keeps its position (shard, offset) in memory and saves none"
 
-    def __init__(self, shards, batch_size: int, seq_len: int, device: torch.device):
+    def __init__(self, shards, batch_size: int, seq_len: int, device: torch.device, **options):
         self.B, self.T, self.device = batch_size, seq_len, device
         self.shards = [s for s in shards if s.num_tokens >= batch_size * seq_len + 1]
         self.buffer = np.empty(batch_size * seq_len + 1, dtype=self.shards[0].dtype)
@@ -193,19 +215,27 @@ class NanochatSeq(Provider):
 class GPULoaderProvider(Provider):
     """gpuload's GPULoader, random windows, on one backend (and, for triton, one placement of the stream)."""
 
+    no_state = None
+
     def __init__(self, name: str, backend: str, placement: Optional[str], shards, batch_size: int, seq_len: int,
-                 device: torch.device):
+                 device: torch.device, seed: int = 0, rank: int = 0, world_size: int = 1, **options):
         from gpuload.loader import GPULoader
 
         self.name = name
-        options = {"placement": placement} if placement is not None else {}
+        where = {"placement": placement} if placement is not None else {}
         self.loader = GPULoader([s.path for s in shards], batch_size=batch_size, seq_len=seq_len, sampling="random",
-                                seed=0, rank=0, world_size=1, device=device, backend=backend,
-                                token_dtype=shards[0].dtype, **options)
+                                seed=seed, rank=rank, world_size=world_size, device=device, backend=backend,
+                                token_dtype=shards[0].dtype, **where)
         self.next = self.loader.__next__
 
     def __call__(self):
         return self.next()
+
+    def state_dict(self):
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state) -> None:
+        self.loader.load_state_dict(state)
 
     def close(self) -> None:
         self.loader.close()
@@ -225,6 +255,10 @@ OTHER_PROVIDERS = {"nanogpt": NanoGPT, "torch-dataloader": TorchDataLoader, "nan
 
 def unavailable(name: str, device: torch.device) -> Optional[str]:
     """Why provider `name` cannot run on `device` here, or None when it can."""
+    if name in PEER_NAMES:
+        from gpuload.bench.peers import PEERS
+
+        return PEERS[name].unavailable()
     backend = GPULOAD_BACKENDS.get(name, (None,))[0]
     if backend == "triton" and device.type != "cuda":
         return "needs a CUDA device"
@@ -233,9 +267,29 @@ def unavailable(name: str, device: torch.device) -> Optional[str]:
     return None
 
 
-def make_provider(name: str, shards, batch_size: int, seq_len: int, device: torch.device) -> Provider:
-    """Provider `name` (one of PROVIDER_NAMES) reading `shards` in (batch_size, seq_len) batches on `device`."""
+def provider_class(name: str) -> type:
+    """The class of provider `name` (one of PROVIDER_NAMES)."""
+    if name in GPULOAD_BACKENDS:
+        return GPULoaderProvider
+    if name in PEER_NAMES:
+        from gpuload.bench.peers import PEERS
+
+        return PEERS[name]
+    return OTHER_PROVIDERS[name]
+
+
+def convert_for(name: str, shards, seq_len: int, cache_dir: Optional[str]):
+    """Run provider `name`'s own converter on `shards` now, or reuse its cached copy (peers.Converted); None for
+    a provider that reads the shards in place."""
+    return provider_class(name).convert(shards, seq_len, cache_dir) if name in PEER_NAMES else None
+
+
+def make_provider(name: str, shards, batch_size: int, seq_len: int, device: torch.device, seed: int = 0,
+                  rank: int = 0, world_size: int = 1, cache_dir: Optional[str] = None) -> Provider:
+    """Provider `name` (one of PROVIDER_NAMES) reading `shards` in (batch_size, seq_len) batches on `device`,
+    as rank `rank` of `world_size` (batch_size rows each); a peer keeps its converted copy under `cache_dir`."""
+    options = dict(seed=seed, rank=rank, world_size=world_size, cache_dir=cache_dir)
     if name in GPULOAD_BACKENDS:
         backend, placement = GPULOAD_BACKENDS[name]
-        return GPULoaderProvider(name, backend, placement, shards, batch_size, seq_len, device)
-    return OTHER_PROVIDERS[name](shards, batch_size, seq_len, device)
+        return GPULoaderProvider(name, backend, placement, shards, batch_size, seq_len, device, **options)
+    return provider_class(name)(shards, batch_size, seq_len, device, **options)
