@@ -141,3 +141,15 @@ def test_bench_host_quick_checks_the_launch_and_counts_no_allocation_with_static
     assert static["launch_check"] == fresh["launch_check"] == "equal"
     assert static["torch_ops_per_step"] == 0 and fresh["torch_ops_per_step"] <= 2  # x and y, nothing else
     assert static["stubbed"] and static["median_us"] > 0 and static["calls_per_step"] > 0
+
+
+def test_bench_packing_quick(tmp_path):
+    out = tmp_path / "packing.json"
+    result = load_benchmark("bench_packing").main(["--quick", "--json", str(out)])
+    by = {(r["provider"], r["lengths"]): r for r in result["rows"]}
+    for lengths in ("geometric", "heavy"):
+        ours, theirs = by["gpuload-bestfit", lengths], by["nanochat-bestfit-crop", lengths]
+        assert ours["floor"] <= ours["cropped_fraction"] <= theirs["cropped_fraction"]  # the goal
+        assert by["gpuload-bestfit-remainder", lengths]["cropped_fraction"] < 0.01
+        assert by["concatenation", lengths]["bos_rows"] < 0.1 and ours["bos_rows"] == 1.0
+    assert json.loads(out.read_text())["rows"] == result["rows"]
