@@ -15,7 +15,8 @@ from gpuload import GPULoader, native
 from gpuload.kernels import triton_gather
 from gpuload.shards import ShardChanged, ShardError, TokenStream, open_shard, write_shard
 
-RING_BACKENDS = ["torch"] + (["triton"] if triton_gather.interpreter_active() else [])
+# Triton through its CPU interpreter here (tests/conftest.py), compiled on a GPU.
+RING_BACKENDS = ["torch"] + (["triton"] if triton_gather.interpreter_active() or torch.cuda.is_available() else [])
 NATIVE = pytest.mark.skipif(not native.available(), reason="native extension not built")
 T = 16
 SHARD = 4096
@@ -45,8 +46,9 @@ def rewrite_in_place(path, token_index, value):
 
 
 def loader(paths, backend, **kw):
-    return GPULoader(paths, batch_size=1, seq_len=T, sampling="sequential", rank=0, world_size=1, device="cpu",
-                     backend=backend, **kw)
+    on_gpu = backend == "triton" and not triton_gather.interpreter_active()
+    return GPULoader(paths, batch_size=1, seq_len=T, sampling="sequential", rank=0, world_size=1,
+                     device="cuda" if on_gpu else "cpu", backend=backend, **kw)
 
 
 # --- A shard changed under a ring: refused at the fill, before any batch holds a changed token.
@@ -71,7 +73,7 @@ def test_ring_refuses_a_shard_changed_after_opening(make_shards, backend, change
     ld.load_state_dict(state)
     with pytest.raises(ShardChanged) as info:
         for step in range(state["step"], 16 * SHARD // T):
-            x, y = next(ld)
+            x, y = (t.cpu() for t in next(ld))
             want_x, want_y = expected(ld, step)
             assert torch.equal(x, want_x) and torch.equal(y, want_y), step  # never a changed token
     message = str(info.value)
@@ -107,7 +109,7 @@ def test_shard_replaced_by_rename_before_its_first_read_keeps_its_content(make_s
     state["step"] = 14 * SHARD // T  # the two last shards
     ld.load_state_dict(state)
     for step in range(state["step"], state["step"] + 2 * SHARD // T - 1):
-        x, y = next(ld)
+        x, y = (t.cpu() for t in next(ld))
         want_x, want_y = expected(ld, step)
         assert torch.equal(x, want_x) and torch.equal(y, want_y), step
     ld.close()

@@ -12,8 +12,9 @@ from gpuload import GPULoader, native
 from gpuload.kernels import triton_gather
 from gpuload.shards import write_shard
 
+# Triton through its CPU interpreter here (tests/conftest.py), compiled on a GPU.
 BACKENDS = ["torch"] + (["native"] if native.available() else []) + \
-    (["triton"] if triton_gather.interpreter_active() else [])
+    (["triton"] if triton_gather.interpreter_active() or torch.cuda.is_available() else [])
 BOS = 0
 
 
@@ -72,7 +73,12 @@ def llmc_shards(tmp_path, sizes, seed=0):
 def make(paths, backend, **kw):
     kw.setdefault("rank", 0)
     kw.setdefault("world_size", 1)
-    return GPULoader(paths, device="cpu", backend=backend, **kw)
+    on_gpu = backend == "triton" and not triton_gather.interpreter_active()
+    return GPULoader(paths, device="cuda" if on_gpu else "cpu", backend=backend, **kw)
+
+
+def host(batch):
+    return [t.cpu() for t in batch]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -88,7 +94,7 @@ def test_llmc_order_equals_llmc_dataloader(tmp_path, backend, B, T, world):
         ld = make(paths, backend, batch_size=B, seq_len=T, sampling="llmc", rank=rank, world_size=world)
         for step in range(steps):
             want_x, want_y = peer.next_batch()
-            x, y = next(ld)
+            x, y = host(next(ld))
             assert np.array_equal(x.numpy(), want_x) and np.array_equal(y.numpy(), want_y), (rank, step)
 
 
@@ -173,7 +179,7 @@ def test_sequential_aligned_rows_follow_the_rule(tmp_path, backend, T):
     ld = make(paths, backend, batch_size=B, seq_len=T, sampling="sequential", align="bos", bos_token=BOS)
     steps = 2 * len(rows) // B + 2 if backend != "triton" else 12  # past an epoch's end: rows start over
     for step in range(steps):
-        x, y = next(ld)
+        x, y = host(next(ld))
         for b in range(B):
             o = rows[(step * B + b) % len(rows)]
             assert x[b, 0] == BOS and np.array_equal(x[b].numpy(), tokens[o:o + T]), (step, b)
