@@ -41,7 +41,7 @@ elif Pybind11Extension is None:
 else:
     ext_modules.append(Pybind11Extension(
         "gpuload._native",
-        ["csrc/bindings.cpp", "csrc/gather.cpp", "csrc/fault.cpp", "csrc/watch.cpp"],
+        ["csrc/bindings.cpp", "csrc/gather.cpp", "csrc/fault.cpp", "csrc/packing.cpp", "csrc/watch.cpp"],
         include_dirs=["csrc"],
         cxx_std=17,
         extra_compile_args=["-O3"],

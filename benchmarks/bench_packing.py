@@ -9,6 +9,7 @@ Documents (lengths include their BOS): "geometric", lengths geometric with mean 
 cropped = document tokens no row of the epoch holds; floor = the tokens beyond the first T+1 of every
 longer document, which no row-packer can place whole; BOS rows = rows that start at a document's BOS;
 pieces = document pieces per row; plan us/row = host time to plan a row (plain Python for all three).
+Then the loader's next() with pack="bestfit" against align="bos" on the native backend, same documents.
 
 Expected before measuring (written with the rule): gpuload's groups are dealt once and drained whole, so
 long documents are cropped once at T+1 and short ones fill the gaps: cropped close to the floor, below
@@ -20,13 +21,19 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import os
 import sys
+import tempfile
 import time
 
 import numpy as np
 
+from gpuload import GPULoader, native
 from gpuload.machine import benchmark_result, machine_info, machine_line
 from gpuload.packing import BestFitPacking, packing_stats
+from gpuload.shards import write_shard
+
+BOS = 50256  # GPT-2's end of text
 
 
 def document_lengths(kind: str, count: int, seq_len: int, seed: int = 0) -> np.ndarray:
@@ -96,6 +103,35 @@ PROVIDERS = {
 }
 
 
+def loader_costs(lengths: np.ndarray, seq_len: int, batch_size: int, steps: int, directory: str) -> list[dict]:
+    """Host time of next() on the native backend: pack='bestfit' (with and without the remainder) against
+    align='bos' (rows that start at documents and run on), on a shard of these documents."""
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(1, 50257, int(lengths.sum())).astype(np.uint16)
+    tokens[np.concatenate([[0], np.cumsum(lengths)[:-1]])] = BOS
+    path = os.path.join(directory, "train.bin")
+    write_shard(path, tokens)
+    backend = "native" if native.available() else "torch"
+    common = dict(batch_size=batch_size, seq_len=seq_len, bos_token=BOS, device="cpu", rank=0, world_size=1,
+                  backend=backend)
+    loaders = {"align-bos": GPULoader(path, sampling="random", align="bos", **common),
+               "pack-bestfit": GPULoader(path, sampling="shuffle", pack="bestfit", **common),
+               "pack-bestfit-remainder": GPULoader(path, sampling="shuffle", pack="bestfit", pack_remainder=True,
+                                                   **common)}
+    samples = {name: [] for name in loaders}
+    for _ in range(5):  # interleaved rounds
+        for name, ld in loaders.items():
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                x, y = next(ld)
+            samples[name].append((time.perf_counter() - t0) / steps * 1e6)
+            assert int(x[0, 0]) == BOS
+    base = float(np.median(samples["align-bos"]))
+    return [{"provider": f"loader-{name}", "backend": backend, "seq_len": seq_len, "batch_size": batch_size,
+             "median_us": float(np.median(s)), "vs_align_bos": float(np.median(s)) / base}
+            for name, s in samples.items()]
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--documents", type=int, default=200_000)
@@ -121,6 +157,9 @@ def main(argv=None) -> dict:
                              "floor": floor, "bos_rows": result["bos_rows"],
                              "pieces_per_row": result["pieces_per_row"],
                              "plan_us_per_row": seconds / max(result["rows"], 1) * 1e6})
+    with tempfile.TemporaryDirectory() as tmp:
+        costs = loader_costs(document_lengths("geometric", args.documents // 4, 1024), args.seq_len[0],
+                             8 if args.quick else 32, 5 if args.quick else 50, tmp)
     machine = machine_info()
     print(f"{args.documents:,} documents per mix; one epoch each; utilization is 100% for all (no padding)")
     print(f"{'provider':<27} {'lengths':<9} {'T':>5} {'rows':>9} {'cropped':>8} {'floor':>6} {'BOS rows':>9} "
@@ -128,8 +167,12 @@ def main(argv=None) -> dict:
     for r in rows:
         print(f"{r['provider']:<27} {r['lengths']:<9} {r['seq_len']:>5} {r['rows']:>9} {r['cropped_fraction']:>8.3f} "
               f"{r['floor']:>6.3f} {r['bos_rows']:>9.3f} {r['pieces_per_row']:>7.2f} {r['plan_us_per_row']:>12.1f}")
+    print(f"next() on the {costs[0]['backend']} backend, B={costs[0]['batch_size']}, T={costs[0]['seq_len']}:")
+    for r in costs:
+        print(f"  {r['provider']:<30} {r['median_us']:>10.1f} us  x{r['vs_align_bos']:.2f} of align='bos'")
     print(machine_line(machine))
-    return benchmark_result("packing", argv, args.json, documents=args.documents, machine=machine, rows=rows)
+    return benchmark_result("packing", argv, args.json, documents=args.documents, machine=machine, rows=rows,
+                            loader_rows=costs)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@
 
 #include "fault.h"
 #include "gather.h"
+#include "packing.h"
 #include "sampling.h"
 #include "watch.h"
 
@@ -146,6 +147,45 @@ void guarded_gather(const GatherCall& call) {
   if (fault != nullptr) raise_fault(*call.t, fault);
 }
 
+struct PackedCall {
+  const BoundTable* t;
+  gpuload::BestFitPlanner* planner;
+  uint64_t step, row0, global_batch;
+  int64_t count, seq_len, bos;
+  bool random, x_int32;
+  void* x;
+  int64_t* y;
+};
+
+// Packed rows straight from the planner's pieces: runs of the stream copied as the window gather copies rows.
+void guarded_gather_packed(const PackedCall& call) {
+  const void* fault = gpuload::run_guarding_sigbus(
+      [](void* p) {
+        const auto& c = *static_cast<const PackedCall*>(p);
+        const size_t x_bytes = c.x_int32 ? 4 : 8;
+        for (int64_t b = 0; b < c.count; ++b) {
+          void* x = static_cast<char*>(c.x) + b * c.seq_len * x_bytes;
+          int64_t* y = c.y + b * c.seq_len;
+          int64_t col = 0;
+          for (const auto& piece : c.planner->row(c.step, c.row0 + b, c.global_batch, c.random)) {
+            int64_t k = col;
+            if (piece.bos) {  // a BOS the stream does not hold here
+              if (k < c.seq_len) {
+                if (c.x_int32) static_cast<int32_t*>(x)[k] = static_cast<int32_t>(c.bos);
+                else static_cast<int64_t*>(x)[k] = c.bos;
+              }
+              if (k > 0) y[k - 1] = c.bos;
+              ++k;
+            }
+            gpuload::gather_run(c.t->table, piece.start, col + piece.length - k, k, c.seq_len, x, c.x_int32, y);
+            col += piece.length;
+          }
+        }
+      },
+      const_cast<PackedCall*>(&call));
+  if (fault != nullptr) raise_fault(*call.t, fault);
+}
+
 struct CopyCall {
   const BoundTable* t;
   int64_t start, count;
@@ -262,6 +302,41 @@ PYBIND11_MODULE(_native, m) {
         "whole-stream rule, else AlignedChunking.pass_table(seed, pass0) with pos0 the position of the step's "
         "first row.");
 
+  py::class_<gpuload::BestFitPlanner>(m, "BestFitPlanner")
+      .def(py::init<std::vector<int64_t>, int64_t, int64_t, uint64_t, int64_t, bool>(), py::arg("doc_starts"),
+           py::arg("num_tokens"), py::arg("seq_len"), py::arg("seed"), py::arg("group_docs"), py::arg("remainder"),
+           "gpuload.packing.BestFitPacking in C++: the documents starting at the sorted `doc_starts` of a stream of "
+           "`num_tokens`, packed into rows of seq_len + 1 tokens.")
+      .def_property_readonly("epoch_rows", &gpuload::BestFitPlanner::epoch_rows)
+      .def_property_readonly("max_pieces", &gpuload::BestFitPlanner::max_pieces)
+      .def_property_readonly("num_groups", &gpuload::BestFitPlanner::num_groups)
+      .def_property_readonly("group_rows", &gpuload::BestFitPlanner::group_rows)
+      .def("pack",
+           [](const gpuload::BestFitPlanner& p, int64_t group, uint64_t epoch) {
+             if (group < 0 || group >= p.num_groups()) throw std::out_of_range("group outside the packing");
+             py::list rows;
+             for (const auto& row : p.pack(group, epoch)) {
+               py::list pieces;
+               for (const auto& piece : row) pieces.append(py::make_tuple(piece.start, piece.length, piece.bos));
+               rows.append(pieces);
+             }
+             return rows;
+           },
+           py::arg("group"), py::arg("epoch"), "Group `group`'s rows at `epoch`, each a list of (start, length, bos).")
+      .def("rows_positions",
+           [](gpuload::BestFitPlanner& p, uint64_t step, uint64_t row0, uint64_t global_batch, bool random,
+              py::array_t<int64_t, py::array::c_style> out) {
+             if (out.ndim() != 2 || row0 + out.shape(0) > global_batch)
+               throw std::invalid_argument("out must be (count, seq_len + 1) int64 with row0 + count <= global_batch");
+             const int64_t count = out.shape(0);
+             int64_t* dst = out.mutable_data();
+             py::gil_scoped_release release;
+             p.positions(step, row0, count, global_batch, random, dst);
+           },
+           py::arg("step"), py::arg("row0"), py::arg("global_batch"), py::arg("random"), py::arg("out").noconvert(),
+           "Global rows row0 .. row0+len(out)-1 at `step` as stream positions into `out` (-1: a BOS not in the "
+           "stream).");
+
   py::class_<BoundTable>(m, "ShardTable")
       .def(py::init(&make_table), py::arg("arrays"), py::arg("names") = std::vector<std::string>{},
            py::arg("paths") = std::vector<std::string>{}, py::arg("identities") = std::vector<Identity>{},
@@ -341,6 +416,23 @@ PYBIND11_MODULE(_native, m) {
            py::arg("step") = -1,
            "x, y: data pointers of contiguous (len(starts), seq_len) tensors (x int32 or int64, y int64); `step` "
            "the loader step the batch is for (watched), -1 for none.")
+      .def("gather_packed",
+           [](const BoundTable& t, gpuload::BestFitPlanner& planner, uint64_t step, uint64_t row0,
+              uint64_t global_batch, bool random, int64_t count, int64_t seq_len, uintptr_t x, bool x_int32,
+              uintptr_t y, int64_t bos) {
+             if (count < 1 || seq_len < 1 || row0 + count > global_batch)
+               throw std::invalid_argument("need count >= 1, seq_len >= 1 and row0 + count <= global_batch");
+             enter_watch(t);
+             py::gil_scoped_release release;
+             WatchedRead read(t, static_cast<int64_t>(step));
+             guarded_gather_packed({&t, &planner, step, row0, global_batch, count, seq_len, bos, random, x_int32,
+                                    reinterpret_cast<void*>(x), reinterpret_cast<int64_t*>(y)});
+             read.complete();
+           },
+           py::arg("planner"), py::arg("step"), py::arg("row0"), py::arg("global_batch"), py::arg("random"),
+           py::arg("count"), py::arg("seq_len"), py::arg("x"), py::arg("x_int32"), py::arg("y"), py::arg("bos"),
+           "pack='bestfit': global rows row0 .. row0+count-1 at `step`, planned by `planner` (a BestFitPlanner of "
+           "this stream), into x and y (contiguous (count, seq_len)); a piece's synthetic BOS is `bos`.")
       .def("sample_and_gather",
            [](const BoundTable& t, int mode, uint64_t seed, uint64_t step, int64_t row0, int64_t global_batch,
               int64_t seq_len, Int64Array starts, uintptr_t x, bool x_int32, uintptr_t y, int64_t windows_per_chunk) {

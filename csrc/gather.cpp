@@ -49,6 +49,38 @@ void gather_windows(const ShardTable& shards, const int64_t* starts, int64_t bat
   return gather_typed<uint32_t, int64_t>(shards, starts, batch, seq_len, x64, y, out_rows);
 }
 
+namespace {
+
+template <typename Src, typename X>
+void gather_run_typed(const ShardTable& shards, int64_t start, int64_t count, int64_t col, int64_t seq_len, X* x,
+                      int64_t* y) {
+  size_t s = std::upper_bound(shards.start.begin(), shards.start.end(), start) - shards.start.begin() - 1;
+  for (int64_t done = 0; done < count; ++s) {
+    const int64_t local = start + done - shards.start[s];
+    const int64_t n = std::min(count - done, shards.start[s + 1] - shards.start[s] - local);
+    const Src* src = static_cast<const Src*>(shards.base[s]) + local;
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t k = col + done + i;  // position in the row
+      if (k < seq_len) x[k] = static_cast<X>(src[i]);
+      if (k > 0) y[k - 1] = static_cast<int64_t>(src[i]);
+    }
+    done += n;
+  }
+}
+
+}  // namespace
+
+void gather_run(const ShardTable& shards, int64_t start, int64_t count, int64_t col, int64_t seq_len, void* x,
+                bool x_int32, int64_t* y) {
+  if (count <= 0) return;
+  if (shards.token_bytes == 2) {
+    if (x_int32) return gather_run_typed<uint16_t, int32_t>(shards, start, count, col, seq_len, static_cast<int32_t*>(x), y);
+    return gather_run_typed<uint16_t, int64_t>(shards, start, count, col, seq_len, static_cast<int64_t*>(x), y);
+  }
+  if (x_int32) return gather_run_typed<uint32_t, int32_t>(shards, start, count, col, seq_len, static_cast<int32_t*>(x), y);
+  return gather_run_typed<uint32_t, int64_t>(shards, start, count, col, seq_len, static_cast<int64_t*>(x), y);
+}
+
 void copy_tokens(const ShardTable& shards, int64_t start, int64_t count, void* out) {
   if (count == 0) return;
   size_t s = std::upper_bound(shards.start.begin(), shards.start.end(), start) - shards.start.begin() - 1;

@@ -26,6 +26,11 @@ void gather_windows(const ShardTable& shards, const int64_t* starts, int64_t bat
 // guarantees the range lies inside the stream.
 void copy_tokens(const ShardTable& shards, int64_t start, int64_t count, void* out);
 
+// One run of `count` consecutive stream tokens from `start` into row positions [col, col + count) of the row
+// whose x and y are given (x gets positions < seq_len, y positions >= 1, shifted by one).
+void gather_run(const ShardTable& shards, int64_t start, int64_t count, int64_t col, int64_t seq_len, void* x,
+                bool x_int32, int64_t* y);
+
 // starts[b] = window_start(mode, seed, step, row0 + b, ..., chunking) for b in [0, count).
 void window_starts(Sampling mode, uint64_t seed, uint64_t step, int64_t row0, int64_t count,
                    int64_t global_batch, int64_t num_tokens, int64_t seq_len, const Chunking& chunking,

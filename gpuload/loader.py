@@ -49,14 +49,14 @@ class GPULoader:
                  ring_tokens: Optional[int] = None, placement: str = "device", static_buffers: bool = False,
                  loop: bool = True, bos_token: Optional[int] = None, doc_info=False,
                  align: Optional[str] = None, weights: Optional[Mapping[str, float]] = None,
-                 doc_capacity: Optional[int] = None):
+                 doc_capacity: Optional[int] = None, pack: Optional[str] = None, pack_remainder: bool = False):
         self._closed = False
         # One step at a time: the producers' scratch and the rings' read lock serve one next() (~0.1 us a step).
         self._lock = threading.Lock()
         self.sources: list[Source] = []
         plan = Plan(files, batch_size, seq_len, sampling, seed, rank, world_size, device, input_dtype, backend,
                     token_dtype, ring_tokens, placement, static_buffers, loop, bos_token, doc_info, align, weights,
-                    doc_capacity)
+                    doc_capacity, pack, pack_remainder)
         try:
             self._producer = make_producer(plan)
         except BaseException:
@@ -66,7 +66,7 @@ class GPULoader:
         self.sources = plan.sources
         for name in ("batch_size", "seq_len", "sampling", "rank", "world_size", "global_batch", "input_dtype",
                      "device", "placement", "static_buffers", "loop", "bos_token", "doc_info", "align", "weights",
-                     "counts", "num_tokens", "backend", "doc_capacity"):
+                     "counts", "num_tokens", "backend", "doc_capacity", "pack", "pack_remainder"):
             setattr(self, name, getattr(plan, name))
         self._step = 0
         self._resumed = False  # a state was loaded since the last iter(): loop=False's next pass goes on from it
@@ -162,7 +162,7 @@ class GPULoader:
         step, seed = check_state(self._plan, state)
         with self._lock:
             if seed != self._plan.seed:
-                self._plan.seed = seed
+                self._plan.set_seed(seed)
                 self._producer.set_seed(seed)
             self._set_step(step)
             self._resumed = True

@@ -16,6 +16,7 @@ from gpuload.cuda import resolve_device
 from gpuload.documents import (AlignedChunking, aligned_window_starts_and_visits, document_starts, max_segments_per_row,
                                sequential_row_starts, usable_document_starts)
 from gpuload.mixture import mixture_counts, mixture_rows
+from gpuload.packing import BestFitPacking, make_packing
 from gpuload.ring import NUM_SLOTS, PLACEMENTS, Ring, RingLayout, default_ring_bytes, plan_ring, smallest_chunked_ring
 from gpuload.sampling import MAX_TOKENS, SAMPLING_MODES, check_domain, llmc_row_starts, window_starts_and_visits
 from gpuload.shards import TokenStream
@@ -115,6 +116,7 @@ class Source:
         self.doc_starts: Optional[torch.Tensor] = None  # align='bos': document starts where a window fits
         self.aligned: Optional[AlignedChunking] = None  # align='bos' on a chunked ring: the starts by chunk
         self.all_doc_starts: Optional[torch.Tensor] = None  # every document start, while the plan needs them
+        self.packing: Optional[BestFitPacking] = None   # pack='bestfit': the rows' documents
         self.ring: Optional[Ring] = None                # torch and triton backends
         self.table = None                               # native backend: the shard table read in place
 
@@ -154,7 +156,7 @@ class Plan:
                  ring_tokens: Optional[int] = None, placement: str = "device", static_buffers: bool = False,
                  loop: bool = True, bos_token: Optional[int] = None, doc_info=False,
                  align: Optional[str] = None, weights: Optional[Mapping[str, float]] = None,
-                 doc_capacity: Optional[int] = None):
+                 doc_capacity: Optional[int] = None, pack: Optional[str] = None, pack_remainder: bool = False):
         batch_size, seq_len, seed = _as_int("batch_size", batch_size), _as_int("seq_len", seq_len), _as_int("seed", seed)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -195,6 +197,23 @@ class Plan:
             raise ValueError("doc_info=True and align='bos' need bos_token=ID: documents are delimited by that token")
         if align not in (None, "bos"):
             raise ValueError(f"align must be None or 'bos', got {align!r}")
+        if pack not in (None, "bestfit"):
+            raise ValueError(f"pack must be None or 'bestfit', got {pack!r}")
+        if pack_remainder and not pack:
+            raise ValueError("pack_remainder=True puts cropped tails back into best-fit packing; pass pack='bestfit'")
+        if pack:
+            if bos_token is None:
+                raise ValueError("pack='bestfit' packs whole documents: pass bos_token=ID, the token that starts each")
+            if sampling not in ("random", "shuffle"):
+                raise ValueError(f"pack='bestfit' orders its rows by sampling='shuffle' (each row once per epoch) or "
+                                 f"'random', got {sampling!r}")
+            if align:
+                raise ValueError("pack='bestfit' starts every row at a document already; drop align='bos'")
+            if weights is not None or isinstance(files, Mapping):
+                raise ValueError("pack='bestfit' packs one dataset so far; a mixture of packed sources is not built "
+                                 "yet: pack each source with its own loader, or drop pack=")
+            if not loop:
+                raise ValueError("pack='bestfit' needs loop=True: one evaluation pass over packed rows is not built yet")
         if align and sampling == "llmc":
             raise ValueError("sampling='llmc' reads llm.c's fixed windows, which do not follow documents; use align='bos' "
                              "with sampling='random', 'shuffle' or 'sequential'")
@@ -226,6 +245,7 @@ class Plan:
         self.device = resolve_device(default_device() if device is None else device)
         self.placement, self.static_buffers, self.loop = placement, bool(static_buffers), bool(loop)
         self.bos_token, self.doc_info, self.align = bos_token, doc_info, align
+        self.pack, self.pack_remainder = pack, bool(pack_remainder)
         self.doc_capacity: Optional[int] = None  # cu_seqlens entries of doc_info=True; None: exact (or no doc info)
         self.sources: list[Source] = []
         self._rows = torch.arange(rank * batch_size, (rank + 1) * batch_size, dtype=torch.int64)
@@ -245,6 +265,8 @@ class Plan:
                     self._index_documents(source)
             if sampling == "llmc":
                 self._llmc_rows()
+            if pack:
+                self._plan_packing()
             if doc_info is True:
                 self.doc_capacity = doc_capacity if doc_capacity is not None else self._doc_capacity_bound()
         except BaseException:
@@ -386,6 +408,33 @@ class Plan:
                                  [shard.path for shard in shards])
         source.doc_starts = starts.to(self.device if self.backend == "triton" else torch.device("cpu"))
 
+    def _plan_packing(self) -> None:
+        """pack='bestfit': the documents' groups and their row counts (gpuload/packing.py), once."""
+        source = self.sources[0]
+        self._check_whole_ring(source, "pack='bestfit'")
+        starts = document_starts(source.stream.arrays, self.bos_token)
+        try:
+            source.packing = make_packing(starts.numpy(), source.num_tokens, self.seq_len, self.seed,
+                                          remainder=self.pack_remainder)
+        except ValueError as e:
+            raise ValueError(f"pack='bestfit' in {source.where()}: {e}") from None
+        self._positions = np.empty((self.batch_size, self.seq_len + 1), dtype=np.int64)
+
+    def set_seed(self, seed: int) -> None:
+        """A resume with another seed: packing deals its groups by the seed, so it is dealt again."""
+        self.seed = seed
+        if self.pack:
+            self._plan_packing()
+
+    def packed_positions(self, step: int, out: Optional[np.ndarray] = None) -> np.ndarray:
+        """pack='bestfit': the stream positions of this rank's rows at `step`, (B, T+1) int64, -1 where a row
+        holds a BOS the stream does not (a cropped tail put back); into `out`, by default one array kept for
+        next()."""
+        out = self._positions if out is None else out
+        self.sources[0].packing.rows_positions(step, self.rank * self.batch_size, self.global_batch,
+                                               self.sampling == "random", out)
+        return out
+
     def _check_whole_ring(self, source: Source, what: str) -> None:
         """Rows read from a table of row starts need the whole stream in the ring (the native backend has none)."""
         if source.chunking is not None and self.backend != "native":
@@ -399,6 +448,8 @@ class Plan:
         """B times the most segments a row can hold in any source: no batch of this data overflows it.
 
         Needs every document start (a scan of the streams, the one align='bos' makes, on the gather's device)."""
+        if self.pack:  # packed rows: a segment per piece at most
+            return min(self.batch_size * self.sources[0].packing.max_pieces, self.batch_size * self.seq_len)
         most = 1
         device = self.device if self.backend == "triton" else torch.device("cpu")
         for source in self.sources:
@@ -438,7 +489,11 @@ class Plan:
                                         self.seq_len, source.chunking)
 
     def window_starts(self, step: int) -> torch.Tensor:
-        """Window start of each of this rank's rows at `step` (int64, CPU), in the stream of the row's source."""
+        """Window start of each of this rank's rows at `step` (int64, CPU), in the stream of the row's source
+        (pack='bestfit': where the row's first piece starts)."""
+        if self.pack:  # a row opening with a BOS the stream does not hold starts its piece one position on
+            positions = torch.from_numpy(self.packed_positions(step, np.empty_like(self._positions)))
+            return torch.where(positions[:, 0] >= 0, positions[:, 0], positions[:, 1])
         which, index = self.row_sources(step)
         starts = torch.empty_like(index)
         for k, source in enumerate(self.sources):
@@ -449,6 +504,8 @@ class Plan:
 
     def epoch_windows(self, source: Source) -> int:
         """Rows of one epoch of `source`: its table of row starts (sequential rows, llm.c's order), else its windows."""
+        if source.packing is not None:
+            return source.packing.epoch_rows
         if self.rule == "sequential" and source.doc_starts is not None:
             return source.doc_starts.numel()
         return (source.num_tokens - 1) // self.seq_len

@@ -24,7 +24,7 @@ import torch
 from gpuload import native
 from gpuload.cuda import capture_error, capturing
 from gpuload.documents import doc_info_reference
-from gpuload.kernels.gather import gather_reference
+from gpuload.kernels.gather import gather_reference, packed_gather_reference
 from gpuload.plan import Plan, Source
 from gpuload.ring import Ring
 from gpuload.sampling import MASK64, SAMPLING_IDS
@@ -76,6 +76,17 @@ class Producer:
         doc = doc_info_reference(x, plan.bos_token, plan.doc_capacity)
         return doc._replace(max_seqlen=plan.seq_len)
 
+    def _packed(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """pack='bestfit' on a ring backend: the rows' stream positions planned on the host, one indexed gather
+        from the whole-stream ring on its device (torch ops; a Triton kernel for packed rows is not built yet)."""
+        ring = self.rings[0]
+        tokens = ring.acquire(step)
+        try:
+            positions = torch.from_numpy(self.plan.packed_positions(step))
+            return packed_gather_reference(tokens, positions, self.plan.bos_token, self.plan.input_dtype)
+        finally:
+            ring.release(step)
+
     def set_seed(self, seed: int) -> None:
         """A resume took another seed (plan.seed has it already): it reorders a chunked ring's visits."""
         for ring in self.rings:
@@ -120,6 +131,11 @@ class NativeProducer(Producer):
         if not tables:
             raise RuntimeError("the loader was closed while next() ran; create a new GPULoader to go on")
         x, y = self._host_outputs()
+        if plan.pack:  # the rows' pieces planned and gathered in C++ (csrc/packing.cpp)
+            tables[0].gather_packed(plan.sources[0].packing, step, plan.rank * plan.batch_size, plan.global_batch,
+                                    plan.sampling == "random", plan.batch_size, T, x.data_ptr(), int32,
+                                    y.data_ptr(), plan.bos_token)
+            return self._to_device(x, y)
         seed = plan.seed & MASK64
         if not plan.mixed:
             source, table = plan.sources[0], tables[0]
@@ -174,6 +190,8 @@ class TorchProducer(Producer):
     def produce(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         self.check_not_capturing()
         plan = self.plan
+        if plan.pack:
+            return self._to_device(*self._packed(step))
         which, index = plan.row_sources(step)
         parts = []
         for k, (source, ring) in enumerate(zip(plan.sources, self.rings)):
@@ -209,12 +227,12 @@ class TritonProducer(Producer):
         self.rings = _open_rings(plan)
         # The step on the device: static outputs (the addresses a graph captures), rings that never refill, and
         # no per-step read back to the host (doc_info="exact" syncs every step: it cannot be captured anyway).
-        if (plan.static_buffers and plan.loop and plan.doc_info != "exact"
+        if (plan.static_buffers and plan.loop and plan.doc_info != "exact" and not plan.pack
                 and all(source.chunking is None for source in plan.sources)):
             self.counter = torch.zeros(2, dtype=torch.int64, device=plan.device)
         x, y = self.out if self.out is not None else self._outputs()
         self.gathers = []
-        for k, (source, ring) in enumerate(zip(plan.sources, self.rings)):
+        for k, (source, ring) in enumerate(zip(plan.sources, self.rings) if not plan.pack else ()):
             layout = source.layout
             # The counter advances with the last source's launch, once every source has read it.
             last = k == len(plan.sources) - 1
@@ -242,6 +260,11 @@ class TritonProducer(Producer):
     def produce(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self.counter is None:
             self.check_not_capturing()
+        if self.plan.pack:
+            x, y = self._packed(step)
+            if self.out is None:
+                return x, y
+            return self.out[0].copy_(x), self.out[1].copy_(y)
         if self.out is None:
             x, y = self._outputs()
         else:

@@ -30,8 +30,15 @@ def make_state(plan: "Plan", step: int, seed: int) -> dict:
     return {
         "format": STATE_FORMAT, "step": step, "seed": seed, "sampling": plan.sampling,
         "seq_len": plan.seq_len, "global_batch": plan.global_batch, "align_bos": plan.align_bos,
-        "sources": [source.state() for source in plan.sources],
+        "sources": [source.state() for source in plan.sources], "pack": _pack(plan),
     }
+
+
+def _pack(plan: "Plan"):
+    """How rows are packed: None, 'bestfit' or 'bestfit-remainder' (a state without the key is unpacked)."""
+    if not plan.pack:
+        return None
+    return plan.pack + ("-remainder" if plan.pack_remainder else "")
 
 
 def check_state(plan: "Plan", state: dict) -> tuple[int, int]:
@@ -74,6 +81,7 @@ def check_state(plan: "Plan", state: dict) -> tuple[int, int]:
          plan.align_bos, "construct the loader with the saved align and bos_token"),
         ("sources", [s["name"] for s in saved_sources], [s.name for s in plan.sources],
          "construct the loader with the saved sources: the same names in the same order (None = not a mixture)"),
+        ("pack", state.get("pack"), _pack(plan), "construct the loader with the saved pack= and pack_remainder="),
     ]
     for name, saved, current, advice in checks:
         if saved != current:

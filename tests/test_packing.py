@@ -143,3 +143,114 @@ def test_refusals():
         BestFitPacking([], 100, 8)
     with pytest.raises(ValueError, match="no group of 1 documents fills a row"):
         BestFitPacking([0, 3], 6, 8, group_docs=1)
+
+
+# --- pack="bestfit" in the loader: every backend, held to the rule above.
+
+from gpuload import GPULoader, native  # noqa: E402
+from gpuload.kernels import triton_gather  # noqa: E402
+from gpuload.shards import write_shard  # noqa: E402
+
+BACKENDS = ["torch"] + (["native"] if native.available() else []) + \
+    (["triton"] if triton_gather.interpreter_active() or torch.cuda.is_available() else [])
+
+
+def packed_shards(tmp_path, num_docs=600, T=32):
+    tokens, starts = documents(num_docs, T=T)
+    tokens = tokens.astype(np.uint16)
+    paths = []
+    for i, (a, b) in enumerate([(0, tokens.size // 3), (tokens.size // 3, tokens.size)]):
+        paths.append(str(tmp_path / f"train_{i}.bin"))
+        write_shard(paths[-1], tokens[a:b])
+    return paths, tokens, starts
+
+
+def packed_loader(paths, backend, **kw):
+    on_gpu = backend == "triton" and not triton_gather.interpreter_active()
+    kw.setdefault("rank", 0)
+    kw.setdefault("world_size", 1)
+    kw.setdefault("sampling", "shuffle")
+    return GPULoader(paths, device="cuda" if on_gpu else "cpu", backend=backend, bos_token=BOS, pack="bestfit", **kw)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("sampling", ["shuffle", "random"])
+@pytest.mark.parametrize("remainder", [False, True])
+def test_loader_rows_are_the_packing_rule(tmp_path, backend, sampling, remainder):
+    T, B = 32, 3
+    paths, tokens, starts = packed_shards(tmp_path, T=T)
+    ld = packed_loader(paths, backend, batch_size=B, seq_len=T, sampling=sampling, pack_remainder=remainder,
+                       seed=11, doc_info=True)
+    packing = BestFitPacking(starts, tokens.size, T, seed=11, remainder=remainder)
+    for step in range(6 if backend == "triton" else 40):
+        x, y, doc = next(ld)
+        x, y = x.cpu(), y.cpu()
+        for b in range(B):
+            row = packing.materialize(packing.row(step, b, B, sampling == "random"), tokens, BOS)
+            assert x[b].tolist() == row[:-1] and y[b].tolist() == row[1:], (step, b)
+        assert bool((x[:, 0] == BOS).all())
+        # Every piece starts with a BOS, so the doc info's segments are the pieces that start inside x.
+        rows = [packing.row(step, b, B, sampling == "random") for b in range(B)]
+        in_x = sum(sum(1 for k in range(len(row)) if sum(p.length for p in row[:k]) < T) for row in rows)
+        assert int(doc.num_segments) == in_x
+
+
+def test_loader_resume_and_elastic(tmp_path):
+    T = 32
+    paths, _, _ = packed_shards(tmp_path, T=T)
+    ref = packed_loader(paths, "torch", batch_size=4, seq_len=T, pack_remainder=True)
+    want = [next(ref)[0] for _ in range(30)]
+    state = {**ref.state_dict(), "step": 9}
+    assert state["pack"] == "bestfit-remainder"
+    parts = [packed_loader(paths, "torch", batch_size=2, seq_len=T, pack_remainder=True, rank=r, world_size=2)
+             for r in range(2)]
+    for part in parts:
+        part.load_state_dict(state)
+    for step in range(9, 30):
+        assert torch.equal(torch.cat([next(part)[0] for part in parts]), want[step])
+    with pytest.raises(ValueError, match="pack differs"):
+        packed_loader(paths, "torch", batch_size=4, seq_len=T).load_state_dict(state)
+    reseeded = packed_loader(paths, "torch", batch_size=4, seq_len=T, pack_remainder=True, seed=5)
+    reseeded.load_state_dict(state)  # the state's seed deals the groups again
+    assert torch.equal(next(reseeded)[0], want[9])
+
+
+def test_loader_refusals(tmp_path):
+    paths, _, _ = packed_shards(tmp_path)
+    base = dict(batch_size=2, seq_len=32, device="cpu", rank=0, world_size=1)
+    cases = [
+        (dict(pack="first-fit", bos_token=BOS), "pack must be None or 'bestfit'"),
+        (dict(pack_remainder=True), "pass pack='bestfit'"),
+        (dict(pack="bestfit"), "pass bos_token=ID"),
+        (dict(pack="bestfit", bos_token=BOS, sampling="sequential"), "orders its rows by sampling='shuffle'"),
+        (dict(pack="bestfit", bos_token=BOS, align="bos"), "drop align='bos'"),
+        (dict(pack="bestfit", bos_token=BOS, loop=False, sampling="shuffle"), "needs sampling='sequential'|loop=True"),
+    ]
+    for kw, message in cases:
+        with pytest.raises(ValueError, match=message):
+            GPULoader(paths, **{**base, **kw})
+    with pytest.raises(ValueError, match="packs one dataset so far"):
+        GPULoader({"a": paths[:1], "b": paths[1:]}, weights={"a": 1, "b": 1}, pack="bestfit", bos_token=BOS, **base)
+    with pytest.raises(ValueError, match="needs the whole stream in the ring"):
+        GPULoader(paths, pack="bestfit", bos_token=BOS, ring_tokens=8192, backend="torch", **base)
+
+
+@pytest.mark.skipif(not native.available(), reason="native extension not built")
+@pytest.mark.parametrize("remainder", [False, True])
+def test_native_planner_equals_the_reference(remainder):
+    tokens, starts = documents(500, T=32)
+    ref = BestFitPacking(starts, tokens.size, 32, seed=3, group_docs=37, remainder=remainder)
+    planner = native.module().BestFitPlanner(starts.astype(np.int64), tokens.size, 32, 3, 37, remainder)
+    assert (planner.epoch_rows, planner.max_pieces, planner.group_rows) == (ref.epoch_rows, ref.max_pieces,
+                                                                             ref.group_rows)
+    for epoch in (0, 2):
+        for group in range(ref.num_groups):
+            want = [[(p.start, p.length, p.bos) for p in row] for row in ref._pack(group, epoch)]
+            assert planner.pack(group, epoch) == want
+    G = 5
+    for random in (False, True):
+        for step in list(range(0, 3 * ref.epoch_rows // G, 7)):
+            got, want = np.empty((2, 33), np.int64), np.empty((2, 33), np.int64)
+            planner.rows_positions(step, 3, G, random, got)
+            ref.rows_positions(step, 3, G, random, want)
+            assert np.array_equal(got, want), (random, step)

@@ -39,3 +39,13 @@ def gather_reference(shards: Sequence[torch.Tensor], shard_starts: torch.Tensor,
             inside = shard_of == s
             tokens[inside] = _read(shards[s], positions[inside] - shard_starts[s])
     return tokens[:, :-1].to(input_dtype).contiguous(), tokens[:, 1:].contiguous()
+
+
+def packed_gather_reference(tokens: torch.Tensor, positions: torch.Tensor, bos_token: int,
+                            input_dtype: torch.dtype = torch.int64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed rows (pack='bestfit'): row b's T+1 tokens are tokens[positions[b]], with `bos_token` where a
+    position is -1 (a BOS the stream does not hold there). `tokens` is the whole stream (1-D uint16/uint32);
+    returns (x, y) as gather_reference does, on the tokens' device."""
+    positions = positions.to(device=tokens.device, dtype=torch.int64)
+    values = torch.where(positions < 0, bos_token, _read(tokens, positions.clamp(min=0)))
+    return values[:, :-1].to(input_dtype).contiguous(), values[:, 1:].contiguous()
