@@ -59,11 +59,10 @@ void gather_run_typed(const ShardTable& shards, int64_t start, int64_t count, in
     const int64_t local = start + done - shards.start[s];
     const int64_t n = std::min(count - done, shards.start[s + 1] - shards.start[s] - local);
     const Src* src = static_cast<const Src*>(shards.base[s]) + local;
-    for (int64_t i = 0; i < n; ++i) {
-      const int64_t k = col + done + i;  // position in the row
-      if (k < seq_len) x[k] = static_cast<X>(src[i]);
-      if (k > 0) y[k - 1] = static_cast<int64_t>(src[i]);
-    }
+    const int64_t k = col + done;  // the row position of src[0]: x takes positions < T, y positions >= 1
+    const int64_t x_end = std::min(n, seq_len - k);
+    for (int64_t i = 0; i < x_end; ++i) x[k + i] = static_cast<X>(src[i]);
+    for (int64_t i = (k == 0 ? 1 : 0); i < n; ++i) y[k + i - 1] = static_cast<int64_t>(src[i]);
     done += n;
   }
 }

@@ -29,6 +29,15 @@ BestFitPlanner::BestFitPlanner(std::vector<int64_t> doc_starts, int64_t num_toke
   lengths_.resize(starts_.size());
   for (int64_t d = 0; d < num_docs_; ++d) lengths_[d] = (d + 1 < num_docs_ ? starts_[d + 1] : num_tokens) - starts_[d];
   num_groups_ = (num_docs_ + group_docs - 1) / group_docs;
+  // The documents in dealing order, once: group j is then the contiguous stretch [j*K, (j+1)*K) of them.
+  std::vector<int64_t> dealt_starts(num_docs_), dealt_lengths(num_docs_);
+  for (int64_t i = 0; i < num_docs_; ++i) {
+    const uint64_t doc = permute(i, num_docs_, 0, seed_ ^ kSaltPackGroups);
+    dealt_starts[i] = starts_[doc];
+    dealt_lengths[i] = lengths_[doc];
+  }
+  starts_.swap(dealt_starts);
+  lengths_.swap(dealt_lengths);
   for (int64_t j = 0; j < num_groups_; ++j) {
     const auto rows = pack(j, 0);
     group_rows_.push_back(static_cast<int64_t>(rows.size()));
@@ -45,34 +54,77 @@ std::vector<std::vector<PackedPiece>> BestFitPlanner::pack(int64_t group, uint64
   const int64_t first = group * group_docs_;
   const int64_t count = std::min(group_docs_, num_docs_ - first);
   const uint64_t order_key = epoch * static_cast<uint64_t>(num_groups_) + static_cast<uint64_t>(group);
-  // (length, rank, start, bos): the longest that fits is the first of its length at or below the space.
-  using Entry = std::tuple<int64_t, int64_t, int64_t, bool>;
-  std::set<Entry> pool;
+  // Pieces that fit a row whole sit in a bucket per length, in rank order (documents by their rank in this
+  // epoch's order, then tails as they are made), with a bit per non-empty bucket; longer ones in a set by
+  // (length, rank). The longest that fits is the highest set bit at or below the space, the earliest of it.
+  Scratch& w = scratch_;
+  const int64_t R = row_tokens_;
+  w.buckets.resize(R + 1);
+  w.heads.assign(R + 1, 0);
+  for (auto& bucket : w.buckets) bucket.clear();
+  w.bits.assign(R / 64 + 1, 0);
+  std::set<std::tuple<int64_t, int64_t, int64_t, bool>> longs;
+  int64_t pieces = 0, next_rank = 0;
+  const auto insert = [&](int64_t length, int64_t start, bool bos) {
+    if (length <= R) {
+      w.buckets[length].push_back({start, length, bos});
+      w.bits[length / 64] |= uint64_t{1} << (length % 64);
+    } else {
+      longs.emplace(length, next_rank, start, bos);
+    }
+    ++next_rank;
+    ++pieces;
+  };
+  const auto take = [&](int64_t length) {
+    const PackedPiece piece = w.buckets[length][w.heads[length]++];
+    if (w.heads[length] == static_cast<int64_t>(w.buckets[length].size()))
+      w.bits[length / 64] &= ~(uint64_t{1} << (length % 64));
+    --pieces;
+    return piece;
+  };
+  // The highest non-empty bucket at or below `limit`, or 0.
+  const auto highest = [&](int64_t limit) -> int64_t {
+    for (int64_t word = limit / 64; word >= 0; --word) {
+      uint64_t bits = w.bits[word];
+      if (word == limit / 64) bits &= (limit % 64 == 63) ? ~uint64_t{0} : ((uint64_t{1} << (limit % 64 + 1)) - 1);
+      if (bits) return word * 64 + 63 - __builtin_clzll(bits);
+    }
+    return 0;
+  };
+  const auto lowest = [&]() -> int64_t {
+    for (size_t word = 0; word < w.bits.size(); ++word)
+      if (w.bits[word]) return static_cast<int64_t>(word) * 64 + __builtin_ctzll(w.bits[word]);
+    return 0;
+  };
   for (int64_t rank = 0; rank < count; ++rank) {
-    const uint64_t k = permute(rank, count, order_key, seed_ ^ kSaltPackOrder);
-    const uint64_t doc = permute(first + k, num_docs_, 0, seed_ ^ kSaltPackGroups);
-    pool.emplace(lengths_[doc], rank, starts_[doc], false);
+    const int64_t doc = first + static_cast<int64_t>(permute(rank, count, order_key, seed_ ^ kSaltPackOrder));
+    insert(lengths_[doc], starts_[doc], false);
   }
   std::vector<std::vector<PackedPiece>> rows;
-  int64_t next_rank = count;
-  while (!pool.empty()) {
+  while (pieces > 0) {
     std::vector<PackedPiece> row;
-    int64_t space = row_tokens_;
-    while (space > 0 && !pool.empty()) {
-      auto fit = pool.upper_bound(Entry{space, std::numeric_limits<int64_t>::max(), 0, false});
-      if (fit != pool.begin()) {
-        const int64_t length = std::get<0>(*std::prev(fit));
-        fit = pool.lower_bound(Entry{length, std::numeric_limits<int64_t>::min(), 0, false});
-        const auto [len, rank, start, bos] = *fit;
-        pool.erase(fit);
-        row.push_back({start, len, bos});
-        space -= len;
+    int64_t space = R;
+    while (space > 0 && pieces > 0) {
+      const int64_t fit = highest(space);
+      if (fit > 0) {
+        row.push_back(take(fit));
+        space -= fit;
         continue;
       }
-      const auto [len, rank, start, bos] = *pool.begin();  // nothing fits: crop the shortest to fill the row
-      pool.erase(pool.begin());
-      row.push_back({start, space, bos});
-      if (remainder_) pool.emplace(len - space + 1, next_rank++, start + space - (bos ? 1 : 0), true);
+      // Nothing fits: crop the shortest to fill the row (every bucket is longer than the space, every long
+      // piece longer than every bucket).
+      PackedPiece piece;
+      const int64_t shortest = lowest();
+      if (shortest > 0) {
+        piece = take(shortest);
+      } else {
+        const auto [length, rank, start, bos] = *longs.begin();
+        longs.erase(longs.begin());
+        --pieces;
+        piece = {start, length, bos};
+      }
+      row.push_back({piece.start, space, piece.bos});
+      if (remainder_) insert(piece.length - space + 1, piece.start + space - (piece.bos ? 1 : 0), true);
       space = 0;
     }
     if (space == 0) rows.push_back(std::move(row));

@@ -35,7 +35,14 @@ class BestFitPlanner {
   const std::vector<int64_t>& group_rows() const { return group_rows_; }
 
  private:
-  std::vector<int64_t> starts_, lengths_;
+  // pack()'s buckets, kept between calls so that a pack allocates no bucket once they have grown.
+  struct Scratch {
+    std::vector<std::vector<PackedPiece>> buckets;
+    std::vector<int64_t> heads;
+    std::vector<uint64_t> bits;
+  };
+  mutable Scratch scratch_;
+  std::vector<int64_t> starts_, lengths_;  // the documents in dealing order (after construction)
   int64_t row_tokens_, group_docs_, num_docs_, num_groups_, epoch_rows_ = 0, max_pieces_ = 1;
   uint64_t seed_;
   bool remainder_;
