@@ -76,17 +76,6 @@ class Producer:
         doc = doc_info_reference(x, plan.bos_token, plan.doc_capacity)
         return doc._replace(max_seqlen=plan.seq_len)
 
-    def _packed(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """pack='bestfit' on a ring backend: the rows' stream positions planned on the host, one indexed gather
-        from the whole-stream ring on its device (torch ops; a Triton kernel for packed rows is not built yet)."""
-        ring = self.rings[0]
-        tokens = ring.acquire(step)
-        try:
-            positions = torch.from_numpy(self.plan.packed_positions(step))
-            return packed_gather_reference(tokens, positions, self.plan.bos_token, self.plan.input_dtype)
-        finally:
-            ring.release(step)
-
     def set_seed(self, seed: int) -> None:
         """A resume took another seed (plan.seed has it already): it reorders a chunked ring's visits."""
         for ring in self.rings:
@@ -187,6 +176,16 @@ class TorchProducer(Producer):
         super().__init__(plan)
         self.rings = _open_rings(plan)
 
+    def _packed(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """pack='bestfit': the rows' stream positions planned on the host, one indexed gather from the ring."""
+        ring = self.rings[0]
+        tokens = ring.acquire(step)
+        try:
+            positions = torch.from_numpy(self.plan.packed_positions(step))
+            return packed_gather_reference(tokens, positions, self.plan.bos_token, self.plan.input_dtype)
+        finally:
+            ring.release(step)
+
     def produce(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         self.check_not_capturing()
         plan = self.plan
@@ -246,6 +245,11 @@ class TritonProducer(Producer):
         self.docs = None
         if plan.doc_info and plan.doc_capacity is not None:
             self.docs = PreparedDocInfo(x, plan.bos_token, plan.doc_capacity, static=self.out is not None)
+        if plan.pack:  # two pinned host buffers of row positions, one device buffer the kernel reads
+            shape, pin = (plan.batch_size, plan.seq_len + 1), self.cuda_index is not None
+            self._positions_host = [torch.empty(shape, dtype=torch.int64, pin_memory=pin) for _ in range(2)]
+            self._positions_copied = [None, None]
+            self._positions_device = torch.empty(shape, dtype=torch.int64, device=plan.device)
 
     def set_seed(self, seed: int) -> None:
         super().set_seed(seed)
@@ -257,14 +261,35 @@ class TritonProducer(Producer):
         if self.counter is not None:
             self.counter.copy_(torch.tensor([step, 0], dtype=torch.int64), non_blocking=False)
 
+    def _packed_triton(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """pack='bestfit': the rows' positions planned on the host into one of two pinned buffers, copied to the
+        device on the current stream (the buffer is reused two steps later, once that copy is done), and one
+        launch of the packed gather (gpuload/kernels/triton_packed.py)."""
+        from gpuload.kernels.triton_packed import gather_packed_triton
+
+        plan, ring = self.plan, self.rings[0]
+        host, done = self._positions_host[step % 2], self._positions_copied[step % 2]
+        if done is not None:
+            done.synchronize()
+        plan.packed_positions(step, host.numpy())
+        x, y = self.out if self.out is not None else self._outputs()
+        tokens = ring.acquire(step)
+        try:
+            positions = self._positions_device.copy_(host, non_blocking=True)
+            if self.cuda_index is not None:
+                event = torch.cuda.Event()
+                event.record()
+                self._positions_copied[step % 2] = event
+            gather_packed_triton(tokens, positions, plan.bos_token, x, y)
+        finally:
+            ring.release(step)
+        return x, y
+
     def produce(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self.counter is None:
             self.check_not_capturing()
         if self.plan.pack:
-            x, y = self._packed(step)
-            if self.out is None:
-                return x, y
-            return self.out[0].copy_(x), self.out[1].copy_(y)
+            return self._packed_triton(step)
         if self.out is None:
             x, y = self._outputs()
         else:

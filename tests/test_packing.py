@@ -254,3 +254,26 @@ def test_native_planner_equals_the_reference(remainder):
             planner.rows_positions(step, 3, G, random, got)
             ref.rows_positions(step, 3, G, random, want)
             assert np.array_equal(got, want), (random, step)
+
+
+@pytest.mark.skipif(not (triton_gather.interpreter_active() or torch.cuda.is_available()), reason="no Triton target")
+@pytest.mark.parametrize("token_dtype", [torch.uint16, torch.uint32])
+@pytest.mark.parametrize("input_dtype", [torch.int64, torch.int32])
+@pytest.mark.parametrize("B,T", [(1, 1), (3, 7), (2, 130)])
+def test_packed_kernel_equals_the_reference(token_dtype, input_dtype, B, T):
+    from gpuload.kernels.gather import packed_gather_reference
+    from gpuload.kernels.triton_packed import gather_packed_triton
+
+    device = "cpu" if triton_gather.interpreter_active() else "cuda"
+    gen = torch.Generator().manual_seed(B * T)
+    high = 2**16 if token_dtype == torch.uint16 else 2**31  # uint32 tokens past 2**31 too, with int64 x
+    tokens = torch.randint(0, high, (4 * T + 9,), generator=gen, dtype=torch.int64)
+    if token_dtype == torch.uint32 and input_dtype == torch.int64:
+        tokens[::5] = 2**32 - 1 - tokens[::5]
+    tokens = tokens.to(token_dtype).to(device)
+    positions = torch.randint(-1, tokens.numel(), (B, T + 1), generator=gen, dtype=torch.int64).to(device)
+    want = packed_gather_reference(tokens, positions, 7, input_dtype)
+    x = torch.empty(B, T, dtype=input_dtype, device=device)
+    y = torch.empty(B, T, dtype=torch.int64, device=device)
+    gather_packed_triton(tokens, positions, 7, x, y)
+    assert torch.equal(x, want[0]) and torch.equal(y, want[1])

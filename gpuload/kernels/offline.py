@@ -121,16 +121,18 @@ def compiling_for(arch: int, sink: Callable):
     """Within: launches of gpuload's kernels compile for `arch` and call sink(kernel name, constexprs, compiled)."""
     from triton.runtime import driver
 
-    from gpuload.kernels import triton_docs, triton_gather
+    from gpuload.kernels import triton_docs, triton_gather, triton_packed
 
     kernels = {"triton_gather": (triton_gather, ["_gather_batch_kernel"]),
-               "triton_docs": (triton_docs, ["_count_segments_kernel", "_doc_info_kernel"])}
+               "triton_docs": (triton_docs, ["_count_segments_kernel", "_doc_info_kernel"]),
+               "triton_packed": (triton_packed, ["_packed_gather_kernel"])}
     saved = []
     for module, names in kernels.values():
-        if module.interpreter_active():
-            raise RuntimeError("gpuload.kernels.offline compiles kernels: run it with TRITON_INTERPRET unset")
-        saved.append((module, "interpreter_active", module.interpreter_active))
-        module.interpreter_active = lambda: True  # the launchers then take CPU tensors
+        if hasattr(module, "interpreter_active"):  # launchers that check where their tensors are
+            if module.interpreter_active():
+                raise RuntimeError("gpuload.kernels.offline compiles kernels: run it with TRITON_INTERPRET unset")
+            saved.append((module, "interpreter_active", module.interpreter_active))
+            module.interpreter_active = lambda: True  # the launchers then take CPU tensors
         for name in names:
             kernel = getattr(module, name)
             saved.append((module, name, kernel))
@@ -216,6 +218,16 @@ def gather_case(sampling: str, token: str = "u16", x: str = "i64", B: int = 32, 
     gather_batch_triton(tokens, sampling, 1234, step, 0, B, rows, num_tokens, T, **kwargs)
 
 
+def packed_case(token: str = "u16", x: str = "i64", B: int = 32, T: int = 1024):
+    """One packed-rows launch (pack='bestfit') as the triton producer makes it."""
+    from gpuload.kernels.triton_packed import gather_packed_triton
+
+    tokens = _stream(_TOKEN_DTYPES[token], 8 * T + 1)
+    positions = torch.randint(-1, tokens.numel(), (B, T + 1), dtype=torch.int64)
+    gather_packed_triton(tokens, positions, BOS, torch.empty(B, T, dtype=_X_DTYPES[x]),
+                         torch.empty(B, T, dtype=torch.int64))
+
+
 def doc_info_case(x: str = "i64", B: int = 32, T: int = 1024, capacity: Optional[int] = None):
     from gpuload.kernels.triton_docs import doc_info_triton
 
@@ -249,6 +261,10 @@ def launch_cases() -> Iterator[tuple[str, Callable[[], None]]]:
     for sampling in ("random", "shuffle", "sequential"):
         yield gather(sampling=sampling, B=3, T=1)
     yield gather(sampling="random", B=70_000, T=16)  # more rows than a grid axis other than 0 allows
+    for token, x, B, T in (("u16", "i64", 32, 1024), ("u32", "i32", 5, 129), ("u16", "i32", 1, 16),
+                           ("u32", "i64", 64, 2048)):
+        yield name_of("packed", token=token, x=x, B=B, T=T), \
+            lambda token=token, x=x, B=B, T=T: packed_case(token, x, B, T)
     for x in ("i64", "i32"):
         for B, T in ((32, 1024), (5, 129), (1, 16), (3000, 2048)):
             for capacity in (None, 2 * B):
