@@ -5,6 +5,7 @@
 #include <set>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <tuple>
 
 #include "sampling.h"
@@ -29,35 +30,50 @@ BestFitPlanner::BestFitPlanner(std::vector<int64_t> doc_starts, int64_t num_toke
   lengths_.resize(starts_.size());
   for (int64_t d = 0; d < num_docs_; ++d) lengths_[d] = (d + 1 < num_docs_ ? starts_[d + 1] : num_tokens) - starts_[d];
   num_groups_ = (num_docs_ + group_docs - 1) / group_docs;
-  // The documents in dealing order, once: group j is then the contiguous stretch [j*K, (j+1)*K) of them.
+  // Once, on every core (the caller holds no lock we need): the documents in dealing order, so that group j
+  // is the contiguous stretch [j*K, (j+1)*K) of them, then each group packed to count its rows.
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(std::thread::hardware_concurrency(), num_groups_));
+  const auto on_all_cores = [threads](int64_t n, const auto& work) {  // work(begin, end, thread)
+    std::vector<std::thread> pool;
+    for (int64_t t = 0; t < threads; ++t)
+      pool.emplace_back([&, t] { work(n * t / threads, n * (t + 1) / threads, t); });
+    for (auto& thread : pool) thread.join();
+  };
   std::vector<int64_t> dealt_starts(num_docs_), dealt_lengths(num_docs_);
-  for (int64_t i = 0; i < num_docs_; ++i) {
-    const uint64_t doc = permute(i, num_docs_, 0, seed_ ^ kSaltPackGroups);
-    dealt_starts[i] = starts_[doc];
-    dealt_lengths[i] = lengths_[doc];
-  }
+  on_all_cores(num_docs_, [&](int64_t begin, int64_t end, int64_t) {
+    for (int64_t i = begin; i < end; ++i) {
+      const uint64_t doc = permute(i, num_docs_, 0, seed_ ^ kSaltPackGroups);
+      dealt_starts[i] = starts_[doc];
+      dealt_lengths[i] = lengths_[doc];
+    }
+  });
   starts_.swap(dealt_starts);
   lengths_.swap(dealt_lengths);
-  for (int64_t j = 0; j < num_groups_; ++j) {
-    const auto rows = pack(j, 0);
-    group_rows_.push_back(static_cast<int64_t>(rows.size()));
-    epoch_rows_ += static_cast<int64_t>(rows.size());
-    for (const auto& r : rows) max_pieces_ = std::max(max_pieces_, static_cast<int64_t>(r.size()));
-  }
+  group_rows_.assign(num_groups_, 0);
+  std::vector<int64_t> most(threads, 1);
+  on_all_cores(num_groups_, [&](int64_t begin, int64_t end, int64_t t) {
+    Scratch scratch;
+    for (int64_t j = begin; j < end; ++j) {
+      const auto rows = pack(j, 0, scratch);
+      group_rows_[j] = static_cast<int64_t>(rows.size());
+      for (const auto& r : rows) most[t] = std::max(most[t], static_cast<int64_t>(r.size()));
+    }
+  });
+  for (int64_t j = 0; j < num_groups_; ++j) epoch_rows_ += group_rows_[j];
+  max_pieces_ = *std::max_element(most.begin(), most.end());
   if (epoch_rows_ == 0)
     throw std::invalid_argument("best-fit packing: no group of " + std::to_string(group_docs) +
                                 " documents fills a row of " + std::to_string(row_tokens_) +
                                 " tokens; use a smaller seq_len or more data");
 }
 
-std::vector<std::vector<PackedPiece>> BestFitPlanner::pack(int64_t group, uint64_t epoch) const {
+std::vector<std::vector<PackedPiece>> BestFitPlanner::pack(int64_t group, uint64_t epoch, Scratch& w) const {
   const int64_t first = group * group_docs_;
   const int64_t count = std::min(group_docs_, num_docs_ - first);
   const uint64_t order_key = epoch * static_cast<uint64_t>(num_groups_) + static_cast<uint64_t>(group);
   // Pieces that fit a row whole sit in a bucket per length, in rank order (documents by their rank in this
   // epoch's order, then tails as they are made), with a bit per non-empty bucket; longer ones in a set by
   // (length, rank). The longest that fits is the highest set bit at or below the space, the earliest of it.
-  Scratch& w = scratch_;
   const int64_t R = row_tokens_;
   w.buckets.resize(R + 1);
   w.heads.assign(R + 1, 0);

@@ -27,7 +27,7 @@ class BestFitPlanner {
   // Rows row0 .. row0+count-1 as stream positions, count x (seq_len + 1), -1 for a BOS not in the stream.
   void positions(uint64_t step, uint64_t row0, int64_t count, uint64_t global_batch, bool random, int64_t* out);
   // Group `group`'s rows in packing order at `epoch`.
-  std::vector<std::vector<PackedPiece>> pack(int64_t group, uint64_t epoch) const;
+  std::vector<std::vector<PackedPiece>> pack(int64_t group, uint64_t epoch) const { return pack(group, epoch, scratch_); }
 
   int64_t num_groups() const { return num_groups_; }
   int64_t epoch_rows() const { return epoch_rows_; }
@@ -42,6 +42,7 @@ class BestFitPlanner {
     std::vector<uint64_t> bits;
   };
   mutable Scratch scratch_;
+  std::vector<std::vector<PackedPiece>> pack(int64_t group, uint64_t epoch, Scratch& w) const;
   std::vector<int64_t> starts_, lengths_;  // the documents in dealing order (after construction)
   int64_t row_tokens_, group_docs_, num_docs_, num_groups_, epoch_rows_ = 0, max_pieces_ = 1;
   uint64_t seed_;
