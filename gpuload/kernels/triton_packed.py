@@ -33,20 +33,27 @@ def _packed_gather_kernel(tokens_ptr, positions_ptr, x_ptr, y_ptr, seq_len, bos,
 
 def gather_packed_triton(tokens: torch.Tensor, positions: torch.Tensor, bos_token: int, out_x: torch.Tensor,
                          out_y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Packed rows into out_x (B, T; int64 or int32) and out_y (B, T; int64) on the tokens' device, from the
-    stream positions `positions` (B, T+1 int64, -1: `bos_token`) into the whole-stream `tokens` (1-D)."""
+    """Packed rows into out_x (B, T; int64 or int32) and out_y (B, T; int64) from the stream positions
+    `positions` (B, T+1 int64, -1: `bos_token`) into the whole-stream `tokens` (1-D), all on the launch's
+    device, except `tokens` in pinned host memory for a zero-copy ring on CUDA."""
     batch, row_tokens = positions.shape
     seq_len = row_tokens - 1
+    device = out_x.device
     for name, tensor, dtypes in (("positions", positions, (torch.int64,)), ("out_x", out_x, (torch.int64, torch.int32)),
                                  ("out_y", out_y, (torch.int64,))):
-        if tensor.device != tokens.device or tensor.dtype not in dtypes or not tensor.is_contiguous():
+        if tensor.device != device or tensor.dtype not in dtypes or not tensor.is_contiguous():
             raise ValueError(f"gather_packed_triton: {name} must be a contiguous {' or '.join(map(str, dtypes))} "
-                             f"tensor on {tokens.device}, found {tensor.dtype} on {tensor.device}")
+                             f"tensor on {device}, found {tensor.dtype} on {tensor.device}")
+    # A zero-copy ring: host memory registered with CUDA (gpuload.cuda.PinnedHost), which the kernel reads.
+    zero_copy = device.type == "cuda" and tokens.device.type == "cpu"
+    if tokens.device != device and not zero_copy:
+        raise ValueError(f"gather_packed_triton: tokens must be on {device} (or in registered host memory for a "
+                         f"zero-copy ring), found {tokens.device}")
     if tokens.dim() != 1 or tuple(out_x.shape) != (batch, seq_len) or tuple(out_y.shape) != (batch, seq_len):
         raise ValueError(f"gather_packed_triton: need 1-D tokens and (B, T) = ({batch}, {seq_len}) outputs, found "
                          f"tokens {tuple(tokens.shape)}, x {tuple(out_x.shape)}, y {tuple(out_y.shape)}")
     block = min(1024, next_power_of_2(row_tokens))
-    with torch.cuda.device(tokens.device) if tokens.device.type == "cuda" else contextlib.nullcontext():
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         _packed_gather_kernel[(batch, triton.cdiv(row_tokens, block))](tokens, positions, out_x, out_y, seq_len,
                                                                        bos_token, BLOCK=block)
     return out_x, out_y
