@@ -117,6 +117,9 @@ struct GatherCall {
   bool x_int32;
   int64_t* y;
   const int64_t* out_rows = nullptr;  // row of x/y for each start; nullptr = rows 0 .. batch-1
+  static void body(const GatherCall& c) {
+    gpuload::gather_windows(c.t->table, c.starts, c.batch, c.seq_len, c.x, c.x_int32, c.y, c.out_rows);
+  }
 };
 
 // A SIGBUS at `fault` while reading the maps of `t`, as ShardFault naming the shard whose pages vanished.
@@ -136,17 +139,15 @@ struct GatherCall {
   throw ShardFault("SIGBUS while reading the memory-mapped shards: a shard was truncated or changed while training");
 }
 
-// The gather with SIGBUS turned into ShardFault.
-void guarded_gather(const GatherCall& call) {
-  const void* fault = gpuload::run_guarding_sigbus(
-      [](void* p) {
-        const auto& c = *static_cast<const GatherCall*>(p);
-        gpuload::gather_windows(c.t->table, c.starts, c.batch, c.seq_len, c.x, c.x_int32, c.y, c.out_rows);
-      },
-      const_cast<GatherCall*>(&call));
+// Call::body(call) with SIGBUS turned into ShardFault naming the shard of call.t whose pages vanished.
+template <typename Call>
+void guarded(const Call& call) {
+  const void* fault = gpuload::run_guarding_sigbus([](void* p) { Call::body(*static_cast<const Call*>(p)); },
+                                                   const_cast<Call*>(&call));
   if (fault != nullptr) raise_fault(*call.t, fault);
 }
 
+// Packed rows straight from the planner's pieces (gpuload::gather_packed).
 struct PackedCall {
   const BoundTable* t;
   gpuload::BestFitPlanner* planner;
@@ -155,53 +156,19 @@ struct PackedCall {
   bool random, x_int32;
   void* x;
   int64_t* y;
+  static void body(const PackedCall& c) {
+    gpuload::gather_packed(c.t->table, *c.planner, c.step, c.row0, c.count, c.global_batch, c.random, c.seq_len,
+                           c.x, c.x_int32, c.y, c.bos);
+  }
 };
 
-// Packed rows straight from the planner's pieces: runs of the stream copied as the window gather copies rows.
-void guarded_gather_packed(const PackedCall& call) {
-  const void* fault = gpuload::run_guarding_sigbus(
-      [](void* p) {
-        const auto& c = *static_cast<const PackedCall*>(p);
-        const size_t x_bytes = c.x_int32 ? 4 : 8;
-        for (int64_t b = 0; b < c.count; ++b) {
-          void* x = static_cast<char*>(c.x) + b * c.seq_len * x_bytes;
-          int64_t* y = c.y + b * c.seq_len;
-          int64_t col = 0;
-          for (const auto& piece : c.planner->row(c.step, c.row0 + b, c.global_batch, c.random)) {
-            int64_t k = col;
-            if (piece.bos) {  // a BOS the stream does not hold here
-              if (k < c.seq_len) {
-                if (c.x_int32) static_cast<int32_t*>(x)[k] = static_cast<int32_t>(c.bos);
-                else static_cast<int64_t*>(x)[k] = c.bos;
-              }
-              if (k > 0) y[k - 1] = c.bos;
-              ++k;
-            }
-            gpuload::gather_run(c.t->table, piece.start, col + piece.length - k, k, c.seq_len, x, c.x_int32, y);
-            col += piece.length;
-          }
-        }
-      },
-      const_cast<PackedCall*>(&call));
-  if (fault != nullptr) raise_fault(*call.t, fault);
-}
-
+// Tokens [start, start + count) of the stream into `out`.
 struct CopyCall {
   const BoundTable* t;
   int64_t start, count;
   void* out;
+  static void body(const CopyCall& c) { gpuload::copy_tokens(c.t->table, c.start, c.count, c.out); }
 };
-
-// Tokens [start, start + count) of the stream into `out`, with SIGBUS turned into ShardFault.
-void guarded_copy(const CopyCall& call) {
-  const void* fault = gpuload::run_guarding_sigbus(
-      [](void* p) {
-        const auto& c = *static_cast<const CopyCall*>(p);
-        gpuload::copy_tokens(c.t->table, c.start, c.count, c.out);
-      },
-      const_cast<CopyCall*>(&call));
-  if (fault != nullptr) raise_fault(*call.t, fault);
-}
 
 void check_starts(const BoundTable& t, const int64_t* s, int64_t batch, int64_t seq_len) {
   for (int64_t b = 0; b < batch; ++b)
@@ -311,6 +278,9 @@ PYBIND11_MODULE(_native, m) {
       .def_property_readonly("max_pieces", &gpuload::BestFitPlanner::max_pieces)
       .def_property_readonly("num_groups", &gpuload::BestFitPlanner::num_groups)
       .def_property_readonly("group_rows", &gpuload::BestFitPlanner::group_rows)
+      .def("document_starts",
+           [](const gpuload::BestFitPlanner& p) { return py::array_t<int64_t>(py::cast(p.document_starts())); },
+           "The documents' starts it was made from, sorted, to deal them again with another seed.")
       .def("pack",
            [](const gpuload::BestFitPlanner& p, int64_t group, uint64_t epoch) {
              if (group < 0 || group >= p.num_groups()) throw std::out_of_range("group outside the packing");
@@ -375,7 +345,7 @@ PYBIND11_MODULE(_native, m) {
                                              "when the loader opened it, and this one no longer is.");
              };
              try {
-               guarded_copy({&t, start, count, reinterpret_cast<void*>(out)});
+               guarded(CopyCall{&t, start, count, reinterpret_cast<void*>(out)});
              } catch (const ShardFault&) {
                check();
                throw;
@@ -408,7 +378,7 @@ PYBIND11_MODULE(_native, m) {
              enter_watch(t);
              py::gil_scoped_release release;
              WatchedRead read(t, step);
-             guarded_gather({&t, starts.data(), batch, seq_len, reinterpret_cast<void*>(x), x_int32,
+             guarded(GatherCall{&t, starts.data(), batch, seq_len, reinterpret_cast<void*>(x), x_int32,
                              reinterpret_cast<int64_t*>(y)});
              read.complete();
            },
@@ -425,7 +395,7 @@ PYBIND11_MODULE(_native, m) {
              enter_watch(t);
              py::gil_scoped_release release;
              WatchedRead read(t, static_cast<int64_t>(step));
-             guarded_gather_packed({&t, &planner, step, row0, global_batch, count, seq_len, bos, random, x_int32,
+             guarded(PackedCall{&t, &planner, step, row0, global_batch, count, seq_len, bos, random, x_int32,
                                     reinterpret_cast<void*>(x), reinterpret_cast<int64_t*>(y)});
              read.complete();
            },
@@ -444,7 +414,7 @@ PYBIND11_MODULE(_native, m) {
              py::gil_scoped_release release;
              gpuload::window_starts(s, seed, step, row0, batch, global_batch, t.table.num_tokens(), seq_len, chunking, dst);
              WatchedRead read(t, static_cast<int64_t>(step));
-             guarded_gather({&t, dst, batch, seq_len, reinterpret_cast<void*>(x), x_int32,
+             guarded(GatherCall{&t, dst, batch, seq_len, reinterpret_cast<void*>(x), x_int32,
                              reinterpret_cast<int64_t*>(y)});
              read.complete();
            },
@@ -462,7 +432,7 @@ PYBIND11_MODULE(_native, m) {
              enter_watch(t);
              py::gil_scoped_release release;
              WatchedRead read(t, step);
-             guarded_gather({&t, starts.data(), batch, seq_len, reinterpret_cast<void*>(x), x_int32,
+             guarded(GatherCall{&t, starts.data(), batch, seq_len, reinterpret_cast<void*>(x), x_int32,
                              reinterpret_cast<int64_t*>(y), out_rows.data()});
              read.complete();
            },
@@ -483,7 +453,7 @@ PYBIND11_MODULE(_native, m) {
              gpuload::window_starts_of_rows(s, seed, step, rows.data(), batch, global_batch, t.table.num_tokens(),
                                             seq_len, chunking, dst);
              WatchedRead read(t, static_cast<int64_t>(step));
-             guarded_gather({&t, dst, batch, seq_len, reinterpret_cast<void*>(x), x_int32,
+             guarded(GatherCall{&t, dst, batch, seq_len, reinterpret_cast<void*>(x), x_int32,
                              reinterpret_cast<int64_t*>(y), out_rows.data()});
              read.complete();
            },

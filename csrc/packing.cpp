@@ -67,6 +67,12 @@ BestFitPlanner::BestFitPlanner(std::vector<int64_t> doc_starts, int64_t num_toke
                                 " tokens; use a smaller seq_len or more data");
 }
 
+std::vector<int64_t> BestFitPlanner::document_starts() const {
+  std::vector<int64_t> starts = starts_;
+  std::sort(starts.begin(), starts.end());
+  return starts;
+}
+
 std::vector<std::vector<PackedPiece>> BestFitPlanner::pack(int64_t group, uint64_t epoch, Scratch& w) const {
   const int64_t first = group * group_docs_;
   const int64_t count = std::min(group_docs_, num_docs_ - first);
@@ -191,6 +197,29 @@ void BestFitPlanner::positions(uint64_t step, uint64_t row0, int64_t count, uint
       if (p.bos) row[k++] = -1;
       for (int64_t src = p.start; k < col + p.length; ++k, ++src) row[k] = src;
       col += p.length;
+    }
+  }
+}
+
+void gather_packed(const ShardTable& shards, BestFitPlanner& planner, uint64_t step, uint64_t row0, int64_t count,
+                   uint64_t global_batch, bool random, int64_t seq_len, void* x, bool x_int32, int64_t* y, int64_t bos) {
+  const size_t x_bytes = x_int32 ? 4 : 8;
+  for (int64_t b = 0; b < count; ++b) {
+    void* row_x = static_cast<char*>(x) + b * seq_len * x_bytes;
+    int64_t* row_y = y + b * seq_len;
+    int64_t col = 0;
+    for (const PackedPiece& piece : planner.row(step, row0 + b, global_batch, random)) {
+      int64_t k = col;
+      if (piece.bos) {  // a BOS the stream does not hold here
+        if (k < seq_len) {
+          if (x_int32) static_cast<int32_t*>(row_x)[k] = static_cast<int32_t>(bos);
+          else static_cast<int64_t*>(row_x)[k] = bos;
+        }
+        if (k > 0) row_y[k - 1] = bos;
+        ++k;
+      }
+      gather_run(shards, piece.start, col + piece.length - k, k, seq_len, row_x, x_int32, row_y);
+      col += piece.length;
     }
   }
 }

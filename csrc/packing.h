@@ -6,6 +6,8 @@
 #include <utility>
 #include <vector>
 
+#include "gather.h"
+
 namespace gpuload {
 
 constexpr uint64_t kSaltPackGroups = 0x082EFA98EC4E6C89ull;
@@ -28,6 +30,9 @@ class BestFitPlanner {
   void positions(uint64_t step, uint64_t row0, int64_t count, uint64_t global_batch, bool random, int64_t* out);
   // Group `group`'s rows in packing order at `epoch`.
   std::vector<std::vector<PackedPiece>> pack(int64_t group, uint64_t epoch) const { return pack(group, epoch, scratch_); }
+
+  // The documents' starts, sorted as they were given (they are held in dealing order).
+  std::vector<int64_t> document_starts() const;
 
   int64_t num_groups() const { return num_groups_; }
   int64_t epoch_rows() const { return epoch_rows_; }
@@ -56,5 +61,11 @@ class BestFitPlanner {
   uint64_t packed_epoch_ = 0;
   std::vector<std::vector<PackedPiece>> packed_;
 };
+
+// Packed rows row0 .. row0+count-1 of `step`, planned by `planner`, into contiguous (count, seq_len) x (int32 or
+// int64) and y: each piece's run of the stream copied as the window gather copies a row, a piece's synthetic
+// BOS written as `bos`.
+void gather_packed(const ShardTable& shards, BestFitPlanner& planner, uint64_t step, uint64_t row0, int64_t count,
+                   uint64_t global_batch, bool random, int64_t seq_len, void* x, bool x_int32, int64_t* y, int64_t bos);
 
 }  // namespace gpuload

@@ -95,6 +95,10 @@ class BestFitPacking:
         self._row_order = lru_cache(maxsize=8)(
             lambda group, epoch: _permutation(self.group_rows[group], epoch * self.num_groups + group, self.seed))
 
+    def document_starts(self) -> np.ndarray:
+        """The documents' starts this packing was made from (sorted int64), to deal them again with another seed."""
+        return np.asarray(self.starts, dtype=np.int64)
+
     def group_documents(self, group: int) -> list[int]:
         """The documents of group `group`, in the dealing order."""
         return self.deal[group * self.group_docs:(group + 1) * self.group_docs]

@@ -412,19 +412,23 @@ class Plan:
         """pack='bestfit': the documents' groups and their row counts (gpuload/packing.py), once."""
         source = self.sources[0]
         self._check_whole_ring(source, "pack='bestfit'")
-        starts = document_starts(source.stream.arrays, self.bos_token)
+        self._deal_packing(document_starts(source.stream.arrays, self.bos_token).numpy())
+        self._positions = np.empty((self.batch_size, self.seq_len + 1), dtype=np.int64)
+
+    def _deal_packing(self, starts: np.ndarray) -> None:
+        source = self.sources[0]
         try:
-            source.packing = make_packing(starts.numpy(), source.num_tokens, self.seq_len, self.seed,
+            source.packing = make_packing(starts, source.num_tokens, self.seq_len, self.seed,
                                           remainder=self.pack_remainder)
         except ValueError as e:
             raise ValueError(f"pack='bestfit' in {source.where()}: {e}") from None
-        self._positions = np.empty((self.batch_size, self.seq_len + 1), dtype=np.int64)
 
     def set_seed(self, seed: int) -> None:
-        """A resume with another seed: packing deals its groups by the seed, so it is dealt again."""
+        """A resume with another seed: packing deals its groups by the seed, so it deals the same documents again
+        (no new scan of the stream)."""
         self.seed = seed
         if self.pack:
-            self._plan_packing()
+            self._deal_packing(self.sources[0].packing.document_starts())
 
     def packed_positions(self, step: int, out: Optional[np.ndarray] = None) -> np.ndarray:
         """pack='bestfit': the stream positions of this rank's rows at `step`, (B, T+1) int64, -1 where a row

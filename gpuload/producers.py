@@ -248,7 +248,7 @@ class TritonProducer(Producer):
         if plan.pack:  # two pinned host buffers of row positions, one device buffer the kernel reads
             shape, pin = (plan.batch_size, plan.seq_len + 1), self.cuda_index is not None
             self._positions_host = [torch.empty(shape, dtype=torch.int64, pin_memory=pin) for _ in range(2)]
-            self._positions_copied = [None, None]
+            self._positions_copied = [torch.cuda.Event() if pin else None for _ in range(2)]
             self._positions_device = torch.empty(shape, dtype=torch.int64, device=plan.device)
 
     def set_seed(self, seed: int) -> None:
@@ -268,18 +268,16 @@ class TritonProducer(Producer):
         from gpuload.kernels.triton_packed import gather_packed_triton
 
         plan, ring = self.plan, self.rings[0]
-        host, done = self._positions_host[step % 2], self._positions_copied[step % 2]
-        if done is not None:
-            done.synchronize()
+        host, copied = self._positions_host[step % 2], self._positions_copied[step % 2]
+        if copied is not None:
+            copied.synchronize()  # the copy out of this buffer two steps ago (returns at once if never recorded)
         plan.packed_positions(step, host.numpy())
         x, y = self.out if self.out is not None else self._outputs()
         tokens = ring.acquire(step)
         try:
             positions = self._positions_device.copy_(host, non_blocking=True)
-            if self.cuda_index is not None:
-                event = torch.cuda.Event()
-                event.record()
-                self._positions_copied[step % 2] = event
+            if copied is not None:
+                copied.record(torch.cuda.current_stream(plan.device))  # the stream the copy was queued on
             gather_packed_triton(tokens, positions, plan.bos_token, x, y)
         finally:
             ring.release(step)

@@ -12,7 +12,7 @@ import mmap
 import os
 import re
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable, Optional, Union
 
@@ -298,8 +298,8 @@ def resolve_paths(files: Union[PathLike, Iterable[PathLike]], mixed_splits_ok: b
             paths.append(text)
         elif os.path.isdir(text):
             paths.extend(_directory_shards(text, mixed_splits_ok))
-        elif _not_a_file(text) is not None:
-            raise _not_a_file(text)
+        elif (error := _not_a_file(text)) is not None:
+            raise error
         elif _is_pattern(text):
             paths.extend(_glob_shards(text, mixed_splits_ok))
         else:
@@ -456,8 +456,7 @@ def _describe(path: str, fd: int, st: os.stat_result, token_dtype) -> Shard:
                     f"bytes, found {size} bytes. The file is truncated, or its tokens have another width "
                     f"(pass token_dtype=).")
             shard = Shard(path, "raw", dtype, 0, size // dtype.itemsize)
-    return Shard(shard.path, shard.format, shard.dtype, shard.offset, shard.num_tokens, FileIdentity.of(st),
-                 shard.signed)
+    return replace(shard, identity=FileIdentity.of(st))
 
 
 def open_shard(path: str, token_dtype=np.uint16) -> Shard:
